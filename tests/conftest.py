@@ -1,0 +1,37 @@
+"""Shared fixtures: where the real vendor files are, and small seeded phantoms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+#: ../shared/data/real beside the repository (never copied into it).
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+
+#: Small geometry for fast tests: the Spectralis field of view at half resolution.
+SMALL_SHAPE = (5, 248, 256)
+SMALL_SPACING = (0.24, 0.00774, 0.0226)
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"real data folder {REAL_DATA} not present")
+    return REAL_DATA
+
+
+def small_phantom(seed: int = 0, lesions: str = "", **kwargs):
+    from octpipe.testing.phantoms import make_phantom, parse_lesion_specs
+
+    return make_phantom(np.random.default_rng(seed), shape=kwargs.pop("shape", SMALL_SHAPE),
+                        spacing_mm=kwargs.pop("spacing_mm", SMALL_SPACING),
+                        lesions=parse_lesion_specs(lesions), **kwargs)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests under a ``gpu`` folder or named ``*_gpu`` are marked gpu automatically."""
+    for item in items:
+        if "gpu" in item.nodeid.split("::")[0] or item.name.endswith("_gpu"):
+            item.add_marker(pytest.mark.gpu)
