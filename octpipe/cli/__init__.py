@@ -1,0 +1,89 @@
+"""The ``octpipe`` command: one Typer app, one module per subcommand.
+
+Exit codes: 0 success, 1 an error or some inputs failed, 2 a usage error. An
+:class:`~octpipe.errors.OctpipeError` prints as one line; ``-v`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Sequence
+
+import typer
+
+from octpipe import __version__
+from octpipe.errors import OctpipeError
+
+__all__ = ["app", "main", "state"]
+
+app = typer.Typer(
+    name="octpipe",
+    help="Retinal OCT from vendor files to f-AnoGAN anomaly maps.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+#: Verbosity set by the root options; read by commands and by :func:`main`.
+state = {"verbosity": 0, "progress": True}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"octpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More output; -v shows tracebacks."),
+    quiet: int = typer.Option(0, "--quiet", "-q", count=True, help="Less output."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars (default on)."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Retinal OCT from vendor files to f-AnoGAN anomaly maps."""
+    state["verbosity"] = verbose - quiet
+    state["progress"] = progress and sys.stderr.isatty() if progress else False
+
+
+# Register subcommands (each module adds its command to ``app``; heavy imports stay inside).
+from octpipe.cli import demo as _demo  # noqa: E402,F401
+from octpipe.cli import phantom as _phantom  # noqa: E402,F401
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line and return its exit code (testable entry point).
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name; ``sys.argv[1:]`` when None.
+
+    Returns
+    -------
+    int
+        0 success, 1 error, 2 usage error.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    state["verbosity"] = 0
+    code: int
+    try:
+        # standalone mode: Typer prints usage errors itself and always ends in SystemExit
+        app(args=args, prog_name="octpipe")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except OctpipeError as exc:
+        if state["verbosity"] > 0:
+            traceback.print_exc()
+        typer.echo(f"error: {exc}", err=True)
+        code = 1
+    if argv is None:
+        raise SystemExit(code)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

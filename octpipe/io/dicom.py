@@ -1,0 +1,669 @@
+"""DICOM: read Ophthalmic Tomography (OPT) and other greyscale images, write OPT.
+
+Reading (:func:`read_dicom`)
+    Any DICOM file with pixel data: multi-frame OPT (SOP class
+    1.2.840.10008.5.1.4.1.1.77.1.5.4), enhanced or classic multi-frame, or single
+    frame. Each frame is one B-scan, rows are the axial direction and columns the
+    A-scans, so ``data`` is ``(n_frames, Rows, Columns)``.
+
+    - **Frame order**: by ``InStackPositionNumber`` (Frame Content) when every
+      frame has one and all frames belong to one stack; file order otherwise.
+    - **Spacing**: ``PixelSpacing`` = (row spacing, column spacing) = (axial,
+      lateral) mm, from the Pixel Measures functional group (shared, else the
+      first frame's), else the top-level attribute. The B-scan spacing is
+      ``SpacingBetweenSlices``, else the median distance between consecutive
+      frames' ``ImagePositionPatient``, else ``SliceThickness``. For a single
+      frame a missing B-scan spacing is 0. ``spacing_source`` is ``"file"`` when
+      everything needed came from the file; otherwise the whole triple is
+      :data:`~octpipe.io.images.DEFAULT_SPACING_MM` (Spectralis-like
+      (0.12, 0.00387, 0.0113) mm) with ``spacing_source="default"``.
+    - **Values**: the stored pixel values as float32, never rescaled to a range;
+      only the Modality LUT (``RescaleSlope``/``RescaleIntercept``, top level or
+      Pixel Value Transformation functional group) is applied when present.
+      ``meta`` records ``bits_stored`` and the stored ``dtype`` so later stages
+      know the range. ``MONOCHROME1`` (0 = white) is flipped to the usual sense
+      (``max_stored - v``) before the Modality LUT. Colour (RGB, YBR_*) becomes
+      grey by BT.601 luminance. ``PALETTE COLOR`` and other interpretations are
+      refused. ``intensity`` is ``"display"``.
+    - **Laterality**: ``ImageLaterality``, else ``Laterality``, else the Frame
+      Anatomy ``FrameLaterality``; R -> OD, L -> OS, anything else None.
+    - **Privacy**: nothing identifying is copied. ``meta`` holds only
+      ``modality``, ``sop_class`` (its name), ``manufacturer_model_name``,
+      ``bits_stored``, ``photometric_interpretation``, ``n_frames``, ``dtype``
+      and, when a Modality LUT was applied, ``rescale_slope``/``rescale_intercept``.
+      ``vendor`` is a fixed token (``"heidelberg"``, ``"zeiss"``, ...) derived from
+      ``Manufacturer``, or ``"unknown"``.
+
+Writing (:func:`write_dicom_opt`)
+    A multi-frame OPT file, explicit VR little endian, uint8 or uint16 values as
+    given. Geometry (a nominal, documented frame of reference, since the true
+    position of the scan in the patient is not known):
+
+    - ``PlaneOrientationSequence``: ``ImageOrientationPatient = [1, 0, 0, 0, 1, 0]``
+      (columns = A-scans along +x, rows = depth along +y);
+    - frame ``i`` (0-based, B-scan ``i``): ``ImagePositionPatient = [0, 0, i * dz]``
+      with ``dz`` the B-scan spacing, ``InStackPositionNumber = i + 1``,
+      ``StackID = "1"``, ``DimensionIndexValues = [1, i + 1]``;
+    - shared ``PixelSpacing = [axial, lateral]``, ``SliceThickness`` =
+      ``SpacingBetweenSlices`` = B-scan spacing.
+
+    A ``FrameOfReferenceUID`` is always written (highdicom needs it to build SEG and
+    parametric maps on the volume). The patient module holds only the given
+    pseudonym as ``PatientID``; ``PatientName``, ``PatientBirthDate`` and
+    ``PatientSex`` are present but empty (Type 2).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.sequence import Sequence
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import format_number_as_ds
+
+from octpipe.errors import CorruptFileError, FormatError, UnsupportedFormatError
+from octpipe.io._common import check_writable, make_provenance
+from octpipe.io.images import DEFAULT_SPACING_MM, _luminance
+from octpipe.volume import OctVolume
+
+__all__ = ["read_dicom", "write_dicom_opt", "OPT_SOP_CLASS_UID"]
+
+#: Ophthalmic Tomography Image Storage.
+OPT_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.77.1.5.4"
+
+#: Substrings of ``Manufacturer`` (lower case) and the vendor token they map to.
+_VENDORS = (
+    ("heidelberg", "heidelberg"),
+    ("zeiss", "zeiss"),
+    ("topcon", "topcon"),
+    ("optovue", "optovue"),
+    ("visionix", "optovue"),
+    ("nidek", "nidek"),
+    ("canon", "canon"),
+    ("bioptigen", "bioptigen"),
+    ("leica", "leica"),
+    ("optopol", "optopol"),
+    ("tomey", "tomey"),
+)
+_LATERALITY_TO_DICOM = {"OD": "R", "OS": "L"}
+_DICOM_TO_LATERALITY = {"R": "OD", "L": "OS"}
+_SUPPORTED_PHOTOMETRIC = (
+    "MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420",
+)
+_UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+#: Largest decoded volume read_dicom will allocate (float32 bytes); above it the header is taken as corrupt.
+_MAX_VOLUME_BYTES = 1 << 35  # 32 GiB
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _ds_number(value: float) -> str:
+    """Format a float as a valid DS string (at most 16 characters)."""
+    return format_number_as_ds(float(value))
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+def _check_uid(uid: str | None, name: str) -> UID:
+    if uid is None:
+        return generate_uid()
+    text = str(uid)
+    if len(text) > 64 or not _UID_PATTERN.fullmatch(text):
+        raise ValueError(f"{name} must be a valid DICOM UID (digits and dots, <= 64 chars), got {uid!r}")
+    return UID(text)
+
+
+def write_dicom_opt(
+    path: str | Path,
+    data: npt.NDArray[np.unsignedinteger],
+    *,
+    spacing_mm: tuple[float, float, float],
+    laterality: str | None,
+    patient_id: str,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a volume as a multi-frame DICOM Ophthalmic Tomography Image.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output file (conventionally ``.dcm``).
+    data : ndarray of uint8 or uint16, shape (n_bscans, n_axial, n_ascans)
+        Pixel values, stored as given (no rescaling); one frame per B-scan.
+    spacing_mm : tuple of 3 floats
+        (between B-scans, axial, lateral) in mm; axial and lateral must be > 0,
+        the B-scan spacing >= 0 (0 is allowed for a single B-scan).
+    laterality : {"OD", "OS"} or None
+        Written as ``Laterality``/``ImageLaterality``/``FrameLaterality`` R or L;
+        None writes ``ImageLaterality = "U"`` and an empty ``Laterality``.
+    patient_id : str
+        The pseudonym to store as ``PatientID`` (at most 64 characters, no
+        backslash). Never pass a real patient identifier.
+    study_uid, series_uid : str, optional
+        Study and Series Instance UIDs; new ones are generated when not given, so
+        pass the same ``study_uid`` to group several files in one study.
+    overwrite : bool
+        Replace an existing file.
+
+    Returns
+    -------
+    Path
+        The written file. It is written to a temporary file in the same folder and
+        renamed into place, so a crash never leaves a half-written file.
+
+    Raises
+    ------
+    ValueError
+        ``data`` is not a non-empty 3-D uint8/uint16 array, or a parameter is out
+        of range.
+    OctpipeError
+        ``path`` exists and ``overwrite`` is false.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> p = write_dicom_opt(tempfile.mkdtemp() + "/v.dcm", np.zeros((3, 40, 32), np.uint8),
+    ...                     spacing_mm=(0.12, 0.0039, 0.0113), laterality="OD", patient_id="p-01")
+    >>> read_dicom(p).shape
+    (3, 40, 32)
+    """
+    if not isinstance(data, np.ndarray) or data.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"data must be a uint8 or uint16 ndarray, got {getattr(data, 'dtype', type(data))}")
+    if data.ndim != 3 or min(data.shape) < 1:
+        raise ValueError(f"data must be 3-D (n_bscans, n_axial, n_ascans) and non-empty, got shape {data.shape}")
+    n_frames, rows, cols = data.shape
+    if rows > 65535 or cols > 65535:
+        raise ValueError(f"rows and columns must be <= 65535, got {rows}x{cols}")
+    spacing = tuple(float(s) for s in spacing_mm)
+    if len(spacing) != 3 or not all(np.isfinite(s) for s in spacing) or spacing[0] < 0 or min(spacing[1:]) <= 0:
+        raise ValueError(f"spacing_mm must be 3 finite values (>= 0, > 0, > 0) in mm, got {spacing_mm}")
+    if laterality is not None and laterality not in _LATERALITY_TO_DICOM:
+        raise ValueError(f"laterality must be 'OD', 'OS' or None, got {laterality!r}")
+    if not isinstance(patient_id, str) or len(patient_id) > 64 or "\\" in patient_id:
+        raise ValueError(f"patient_id must be a string of at most 64 characters without '\\', got {patient_id!r}")
+    study = _check_uid(study_uid, "study_uid")
+    series = _check_uid(series_uid, "series_uid")
+    path = check_writable(path, overwrite=overwrite)
+
+    dz, axial, lateral = spacing
+    lat_code = _LATERALITY_TO_DICOM.get(laterality or "", "")
+    now = _dt.datetime.now()
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
+    sop_uid = generate_uid()
+    bits = 8 * data.dtype.itemsize
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(OPT_SOP_CLASS_UID)
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = f"PYDICOM {pydicom.__version__}"[:16]
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    # SOP common
+    ds.SOPClassUID = UID(OPT_SOP_CLASS_UID)
+    ds.SOPInstanceUID = sop_uid
+    # Patient (Type 2 attributes present, empty; only the pseudonym is stored)
+    ds.PatientName = ""
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
+    # General study
+    ds.StudyInstanceUID = study
+    ds.StudyDate = date
+    ds.StudyTime = time
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = ""
+    ds.AccessionNumber = ""
+    # General / ophthalmic tomography series
+    ds.Modality = "OPT"
+    ds.SeriesInstanceUID = series
+    ds.SeriesNumber = 1
+    ds.Laterality = lat_code
+    # Frame of reference (nominal; see the module docstring)
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.PositionReferenceIndicator = ""
+    # (Enhanced) general equipment: the software that wrote the file
+    from octpipe import __version__
+
+    ds.Manufacturer = "octpipe"
+    ds.ManufacturerModelName = "octpipe"
+    ds.DeviceSerialNumber = "0"
+    ds.SoftwareVersions = __version__
+    # Ophthalmic tomography image
+    ds.ImageType = ["DERIVED", "PRIMARY"]
+    ds.InstanceNumber = 1
+    ds.ContentDate = date
+    ds.ContentTime = time
+    ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S.%f")
+    ds.AcquisitionNumber = 1
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    ds.PresentationLUTShape = "IDENTITY"
+    # Ophthalmic tomography acquisition parameters (Type 2: unknown here)
+    ds.EmmetropicMagnification = None
+    ds.IntraOcularPressure = None
+    ds.HorizontalFieldOfView = None
+    ds.PupilDilated = None
+    ds.RefractiveStateSequence = Sequence()
+    ds.AxialLengthOfTheEye = None
+    # Ophthalmic tomography parameters
+    ds.DetectorType = "CCD"
+    ds.AcquisitionDeviceTypeCodeSequence = Sequence([_code("392012008", "SCT", "Optical Coherence Tomography Scanner")])
+    ds.LightPathFilterTypeStackCodeSequence = Sequence()
+    # Acquisition context (Type 2)
+    ds.AcquisitionContextSequence = Sequence()
+    # Ocular region imaged
+    ds.AnatomicRegionSequence = Sequence([_code("81745001", "SCT", "Eye")])
+    ds.ImageLaterality = lat_code or "U"
+
+    # Multi-frame dimension: frames indexed by (StackID, InStackPositionNumber)
+    dim_uid = generate_uid()
+    org = Dataset()
+    org.DimensionOrganizationUID = dim_uid
+    ds.DimensionOrganizationSequence = Sequence([org])
+    ds.DimensionOrganizationType = "3D"
+    indices = []
+    for pointer, label in ((0x00209056, "Stack ID"), (0x00209057, "In-Stack Position Number")):
+        idx = Dataset()
+        idx.DimensionOrganizationUID = dim_uid
+        idx.DimensionIndexPointer = pointer
+        idx.FunctionalGroupPointer = 0x00209111  # FrameContentSequence
+        idx.DimensionDescriptionLabel = label
+        indices.append(idx)
+    ds.DimensionIndexSequence = Sequence(indices)
+
+    # Shared functional groups
+    measures = Dataset()
+    measures.PixelSpacing = [_ds_number(axial), _ds_number(lateral)]
+    measures.SliceThickness = _ds_number(dz)
+    measures.SpacingBetweenSlices = _ds_number(dz)
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    anatomy = Dataset()
+    anatomy.AnatomicRegionSequence = Sequence([_code("81745001", "SCT", "Eye")])
+    anatomy.FrameLaterality = lat_code or "U"
+    shared = Dataset()
+    shared.PixelMeasuresSequence = Sequence([measures])
+    shared.PlaneOrientationSequence = Sequence([orientation])
+    shared.FrameAnatomySequence = Sequence([anatomy])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+
+    # Per-frame functional groups
+    per_frame = []
+    for i in range(n_frames):
+        content = Dataset()
+        content.StackID = "1"
+        content.InStackPositionNumber = i + 1
+        content.DimensionIndexValues = [1, i + 1]
+        position = Dataset()
+        position.ImagePositionPatient = [0, 0, _ds_number(i * dz)]
+        item = Dataset()
+        item.FrameContentSequence = Sequence([content])
+        item.PlanePositionSequence = Sequence([position])
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+
+    # Image pixel
+    ds.NumberOfFrames = n_frames
+    ds.Rows = rows
+    ds.Columns = cols
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = bits
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = 0
+    pixels = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).tobytes()
+    if len(pixels) % 2:
+        pixels += b"\x00"
+    ds.add_new(0x7FE00010, "OB" if bits == 8 else "OW", pixels)
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            ds.save_as(fh, enforce_file_format=True)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _float(value: Any) -> float | None:
+    """Convert a header value to a finite float, or None."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if np.isfinite(out) else None
+
+
+def _first_item(ds: Dataset | None, keyword: str) -> Dataset | None:
+    """First item of sequence ``keyword`` in ``ds``, or None."""
+    if ds is None:
+        return None
+    seq = ds.get(keyword)
+    if seq is None or not isinstance(seq, Sequence) or len(seq) == 0:
+        return None
+    return seq[0]
+
+
+def _functional(ds: Dataset, frame: Dataset | None, keyword: str) -> Dataset | None:
+    """Functional-group macro ``keyword`` for a frame: per-frame first, then shared."""
+    item = _first_item(frame, keyword)
+    if item is None:
+        item = _first_item(_first_item(ds, "SharedFunctionalGroupsSequence"), keyword)
+    return item
+
+
+def _int_attr(ds: Dataset, keyword: str, default: int | None, path: Path) -> int:
+    value = ds.get(keyword, default)
+    try:
+        out = int(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        out = None
+    if out is None:
+        raise CorruptFileError(f"{keyword} is missing or not a number ({value!r})", path)
+    return out
+
+
+def _check_pixel_size(ds: Dataset, path: Path, rows: int, cols: int, frames: int, spp: int, bits: int) -> None:
+    """Refuse a header whose image size does not fit the stored pixel data (before decoding)."""
+    if rows < 1 or cols < 1 or frames < 1 or spp not in (1, 3, 4) or bits not in (1, 8, 16, 32, 64):
+        raise CorruptFileError(
+            f"implausible image header: Rows={rows}, Columns={cols}, NumberOfFrames={frames}, "
+            f"SamplesPerPixel={spp}, BitsAllocated={bits}", path)
+    if rows * cols * frames * 4 > _MAX_VOLUME_BYTES:
+        raise CorruptFileError(
+            f"header says {frames} frames of {rows}x{cols} pixels, over {_MAX_VOLUME_BYTES >> 30} GiB", path)
+    stored = ds["PixelData"].value
+    n_stored = len(stored) if stored is not None else 0
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax is not None and UID(syntax).is_encapsulated:
+        n_fragments = 0
+        if n_stored >= 8 and stored[:4] == b"\xfe\xff\x00\xe0":
+            (bot_len,) = struct.unpack("<I", stored[4:8])
+            try:
+                n_fragments, _ = pydicom.encaps.parse_fragments(stored[8 + bot_len:])
+            except (ValueError, struct.error) as exc:
+                raise CorruptFileError(f"encapsulated pixel data is damaged: {exc}", path) from exc
+        if n_fragments < frames:
+            raise CorruptFileError(
+                f"header says {frames} frames but the encapsulated pixel data holds {n_fragments} fragments", path)
+        return
+    samples = 2 if str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422" else spp
+    expected = (rows * cols * frames * samples * bits + 7) // 8
+    if n_stored < expected:
+        raise CorruptFileError(
+            f"header says {frames} frames of {rows}x{cols} pixels ({expected} bytes) but the pixel data "
+            f"holds {n_stored} bytes (truncated?)", path)
+
+
+def _spacing(ds: Dataset, frames: list[Dataset | None], n_frames: int) -> tuple[tuple[float, float, float], str]:
+    """Spacing (between B-scans, axial, lateral) and its source; see the module docstring."""
+    measures = _functional(ds, frames[0], "PixelMeasuresSequence")
+    holders = [h for h in (measures, ds) if h is not None]
+
+    in_plane = None
+    for holder in holders:
+        pixel_spacing = holder.get("PixelSpacing")
+        if pixel_spacing is not None and not isinstance(pixel_spacing, str):
+            try:
+                values = [_float(v) for v in pixel_spacing]
+            except TypeError:
+                values = []
+            if len(values) == 2 and all(v is not None and v > 0 for v in values):
+                in_plane = (values[0], values[1])
+                break
+
+    between = None
+    for holder in holders:
+        value = _float(holder.get("SpacingBetweenSlices"))
+        if value is not None and value > 0:
+            between = value
+            break
+    if between is None and n_frames > 1:
+        positions = []
+        for frame in frames:
+            plane = _functional(ds, frame, "PlanePositionSequence")
+            ipp = plane.get("ImagePositionPatient") if plane is not None else None
+            try:
+                vals = [_float(v) for v in ipp] if ipp is not None and len(ipp) == 3 else None
+            except TypeError:  # a single value instead of three
+                vals = None
+            if vals is None or any(v is None for v in vals):
+                positions = []
+                break
+            positions.append(vals)
+        if positions:
+            steps = np.linalg.norm(np.diff(np.asarray(positions, dtype=np.float64), axis=0), axis=1)
+            step = float(np.median(steps))
+            if np.isfinite(step) and step > 0:
+                between = step
+    if between is None:
+        for holder in holders:
+            value = _float(holder.get("SliceThickness"))
+            if value is not None and value > 0:
+                between = value
+                break
+    if between is None and n_frames == 1:
+        between = 0.0
+    if in_plane is None or between is None:
+        return DEFAULT_SPACING_MM, "default"
+    return (between, in_plane[0], in_plane[1]), "file"
+
+
+def _frame_order(frames: list[Dataset | None]) -> list[int]:
+    """Frame indices sorted by InStackPositionNumber when all frames have one, in one stack."""
+    positions = []
+    stacks = set()
+    for frame in frames:
+        content = _first_item(frame, "FrameContentSequence")
+        pos = _float(content.get("InStackPositionNumber")) if content is not None else None
+        if pos is None:
+            return list(range(len(frames)))
+        positions.append(pos)
+        stacks.add(str(content.get("StackID", "")))
+    if len(stacks) > 1:
+        return list(range(len(frames)))
+    return [int(i) for i in np.argsort(np.asarray(positions), kind="stable")]
+
+
+def _rescale(ds: Dataset, frame: Dataset | None) -> tuple[float, float]:
+    """(slope, intercept) of the Modality LUT for one frame; (1, 0) when absent."""
+    transform = _functional(ds, frame, "PixelValueTransformationSequence")
+    for holder in (transform, ds):
+        if holder is None:
+            continue
+        slope, intercept = _float(holder.get("RescaleSlope")), _float(holder.get("RescaleIntercept"))
+        if slope is not None or intercept is not None:
+            return (1.0 if slope is None else slope), (0.0 if intercept is None else intercept)
+    return 1.0, 0.0
+
+
+def _vendor(manufacturer: str) -> str:
+    text = manufacturer.lower()
+    for needle, token in _VENDORS:
+        if needle in text:
+            return token
+    return "unknown"
+
+
+def _laterality(ds: Dataset, frame: Dataset | None) -> str | None:
+    anatomy = _functional(ds, frame, "FrameAnatomySequence")
+    for value in (ds.get("ImageLaterality"), ds.get("Laterality"),
+                  anatomy.get("FrameLaterality") if anatomy is not None else None):
+        if value:
+            return _DICOM_TO_LATERALITY.get(str(value).strip().upper())
+    return None
+
+
+def _text(value: Any) -> str | None:
+    return None if value in (None, "") else str(value)
+
+
+def read_dicom(path: str | Path) -> OctVolume:
+    """Read a DICOM image (OPT or any greyscale/colour image) as an :class:`OctVolume`.
+
+    Parameters
+    ----------
+    path : str or Path
+        A DICOM Part 10 file (with the 128-byte preamble and ``DICM`` marker).
+
+    Returns
+    -------
+    OctVolume
+        ``data`` of shape ``(n_frames, Rows, Columns)``, float32, the stored values
+        (Modality LUT applied when present); spacing, laterality and vendor as in
+        the module docstring; ``scan_pattern`` ``"volume"`` for more than one
+        frame, else ``"line"``; ``intensity="display"``; provenance format
+        ``"dicom-opt"`` for OPT files, else ``"dicom"``. No identifying attribute
+        is copied.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist.
+    FormatError
+        The file is not DICOM.
+    CorruptFileError
+        The file is truncated, has no pixel data, or its Rows/Columns/NumberOfFrames
+        do not fit the stored pixel data.
+    UnsupportedFormatError
+        The photometric interpretation or transfer syntax cannot be decoded.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> p = write_dicom_opt(tempfile.mkdtemp() + "/v.dcm", np.ones((2, 16, 8), np.uint16),
+    ...                     spacing_mm=(0.2, 0.004, 0.01), laterality="OS", patient_id="anon")
+    >>> v = read_dicom(p)
+    >>> v.shape, v.laterality, v.spacing_source
+    ((2, 16, 8), 'OS', 'file')
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise FormatError("is a folder, not a DICOM file", path)
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError as exc:
+        raise FormatError(f"not a DICOM file ({exc})", path) from exc
+    except FileNotFoundError:
+        raise
+    except (EOFError, OSError, ValueError, KeyError, TypeError, struct.error, NotImplementedError) as exc:
+        raise CorruptFileError(f"cannot parse the DICOM data set (truncated?): {exc}", path) from exc
+
+    if "PixelData" not in ds:
+        other = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
+        if other:
+            raise UnsupportedFormatError(f"{other[0]} (float pixel data) is not supported", path)
+        raise CorruptFileError("no pixel data (not an image, or the file is truncated)", path)
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if photometric not in _SUPPORTED_PHOTOMETRIC:
+        raise UnsupportedFormatError(f"photometric interpretation {photometric or '(missing)'!r} is not supported",
+                                     path)
+    rows = _int_attr(ds, "Rows", None, path)
+    cols = _int_attr(ds, "Columns", None, path)
+    n_frames = _int_attr(ds, "NumberOfFrames", 1, path)
+    spp = _int_attr(ds, "SamplesPerPixel", 1, path)
+    bits_alloc = _int_attr(ds, "BitsAllocated", None, path)
+    bits_stored = _int_attr(ds, "BitsStored", bits_alloc, path)
+    _check_pixel_size(ds, path, rows, cols, n_frames, spp, bits_alloc)
+
+    try:
+        pixels = ds.pixel_array
+    except (NotImplementedError, RuntimeError, ImportError) as exc:
+        syntax = ds.file_meta.get("TransferSyntaxUID", "unknown")
+        raise UnsupportedFormatError(f"cannot decode pixel data ({UID(syntax).name}): {exc}", path) from exc
+    except (ValueError, EOFError, struct.error, TypeError, AttributeError) as exc:
+        raise CorruptFileError(f"cannot decode pixel data: {exc}", path) from exc
+
+    stored_dtype = str(pixels.dtype)
+    colour = spp > 1
+    try:
+        pixels = pixels.reshape((n_frames, rows, cols, spp) if colour else (n_frames, rows, cols))
+    except ValueError as exc:
+        raise CorruptFileError(
+            f"decoded pixels of shape {pixels.shape} do not fit {n_frames} frames of {rows}x{cols}x{spp}", path
+        ) from exc
+    if colour:
+        data = _luminance(pixels)
+    else:
+        data = pixels.astype(np.float32)  # a new array: the in-place steps below touch nothing else
+        if photometric == "MONOCHROME1":  # 0 = white: flip to the MONOCHROME2 sense
+            top = -1.0 if int(ds.get("PixelRepresentation", 0)) == 1 else float((1 << bits_stored) - 1)
+            np.subtract(np.float32(top), data, out=data)
+
+    per_frame_seq = ds.get("PerFrameFunctionalGroupsSequence")
+    frames: list[Dataset | None] = (
+        list(per_frame_seq) if isinstance(per_frame_seq, Sequence) and len(per_frame_seq) == n_frames
+        else [None] * n_frames
+    )
+    rescale = None
+    if not colour:
+        factors = [_rescale(ds, f) for f in frames]
+        if any(f != (1.0, 0.0) for f in factors):
+            for i, (slope, intercept) in enumerate(factors):
+                data[i] *= np.float32(slope)
+                data[i] += np.float32(intercept)
+            rescale = factors[0] if len(set(factors)) == 1 else ("per-frame", "per-frame")
+
+    order = _frame_order(frames)
+    if order != list(range(n_frames)):
+        data = data[order]
+        frames = [frames[i] for i in order]
+    spacing, source = _spacing(ds, frames, n_frames)
+
+    sop_class = ds.get("SOPClassUID")
+    is_opt = sop_class is not None and str(sop_class) == OPT_SOP_CLASS_UID
+    meta: dict[str, object] = {
+        "modality": _text(ds.get("Modality")),
+        "sop_class": UID(str(sop_class)).name if sop_class else None,
+        "manufacturer_model_name": _text(ds.get("ManufacturerModelName")),
+        "bits_stored": bits_stored,
+        "photometric_interpretation": photometric,
+        "n_frames": n_frames,
+        "dtype": stored_dtype,
+    }
+    if rescale is not None:
+        meta["rescale_slope"], meta["rescale_intercept"] = rescale
+    prov, vid = make_provenance(path, reader="dicom", format="dicom-opt" if is_opt else "dicom")
+    return OctVolume(
+        data=np.ascontiguousarray(data, dtype=np.float32),
+        spacing_mm=spacing,
+        spacing_source=source,
+        laterality=_laterality(ds, frames[0]),  # type: ignore[arg-type]
+        scan_pattern="volume" if n_frames > 1 else "line",
+        vendor=_vendor(str(ds.get("Manufacturer", "") or "")),
+        intensity="display",
+        volume_id=vid,
+        provenance=prov,
+        meta=meta,
+    )
