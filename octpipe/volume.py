@@ -102,7 +102,8 @@ class OctVolume:
     def __post_init__(self) -> None:
         data = self.data
         if not isinstance(data, np.ndarray) or data.ndim != 3:
-            raise ValueError(f"data must be a 3-D array (n_bscans, n_axial, n_ascans), got {getattr(data, 'shape', type(data))}")
+            got = getattr(data, "shape", type(data))
+            raise ValueError(f"data must be a 3-D array (n_bscans, n_axial, n_ascans), got {got}")
         if data.dtype != np.float32:
             raise ValueError(f"data must be float32, got {data.dtype}")
         if min(data.shape) < 1:

@@ -26,8 +26,8 @@ def demo(
 
     Example: octpipe demo -o demo-output
     """
-    from octpipe.errors import OctpipeError
     from octpipe.demo import run_demo
+    from octpipe.errors import OctpipeError
 
     if out.exists():
         if not overwrite:

@@ -1,0 +1,1 @@
+"""Networks and training: f-AnoGAN (``fanogan``) and the paper's baselines."""

@@ -1,0 +1,1 @@
+"""Pure preprocessing functions: intensity domains, resampling, layers, flattening."""

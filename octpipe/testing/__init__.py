@@ -1,0 +1,1 @@
+"""Seeded phantoms with known truth, their vendor-format writers and realism statistics."""

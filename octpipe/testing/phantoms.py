@@ -145,7 +145,8 @@ class LesionSpec:
         count = count if self.count is None else _as_range(self.count)
         radius = radius if self.radius_mm is None else _as_range(self.radius_mm)
         height = height if self.height_um is None else _as_range(self.height_um)
-        return (int(count[0]), int(count[1])), (float(radius[0]), float(radius[1])), (float(height[0]), float(height[1]))
+        counts = (int(count[0]), int(count[1]))
+        return counts, (float(radius[0]), float(radius[1])), (float(height[0]), float(height[1]))
 
 
 def _as_range(value: float | tuple[float, float]) -> tuple[float, float]:

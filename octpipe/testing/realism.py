@@ -56,7 +56,9 @@ def bscan_statistics(
     ilm = np.asarray(ilm, dtype=np.float64)
     bm = np.asarray(bm, dtype=np.float64)
     if d.ndim != 2 or ilm.shape != (d.shape[1],) or bm.shape != (d.shape[1],):
-        raise ValueError(f"display must be (n_axial, n_ascans) with ilm/bm (n_ascans,), got {d.shape}, {ilm.shape}, {bm.shape}")
+        raise ValueError(
+            f"display must be (n_axial, n_ascans) with ilm/bm (n_ascans,), got {d.shape}, {ilm.shape}, {bm.shape}"
+        )
     ok = np.isfinite(ilm) & np.isfinite(bm)
     if ok.sum() < 10:
         raise ValueError("fewer than 10 A-scans have both ILM and BM")

@@ -1,0 +1,1 @@
+"""f-AnoGAN as specified by the official code (see FANOGAN-SPEC.md)."""
