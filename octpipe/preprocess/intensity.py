@@ -75,3 +75,109 @@ def display_to_linear(display: npt.ArrayLike, *, method: Literal["log", "root4"]
     else:
         raise ValueError(f"method must be one of {DISPLAY_TRANSFORMS}, got {method!r}")
     return out.astype(np.float32)
+
+
+def display_full_scale(meta: dict, data: npt.NDArray[np.floating]) -> float:
+    """The value that means "white" for display-domain data from a reader.
+
+    Uses the bit depth the reader recorded (``meta["bits_stored"]`` for DICOM,
+    ``meta["bit_depth"]`` for images); otherwise 1.0 for data already in [0, 1], 255 for
+    8-bit ranges and 65535 for 16-bit ranges.
+    """
+    bits = meta.get("bits_stored") or meta.get("bit_depth")
+    if isinstance(bits, (int, np.integer)) and 1 <= int(bits) <= 32:
+        return float((1 << int(bits)) - 1)
+    finite = data[np.isfinite(data)]
+    top = float(finite.max()) if finite.size else 1.0
+    if top <= 1.0:
+        return 1.0
+    if top <= 255.0:
+        return 255.0
+    if top <= 65535.0:
+        return 65535.0
+    return top
+
+
+def to_display(
+    data: npt.ArrayLike,
+    *,
+    domain: Literal["linear", "display"],
+    full_scale: float = 1.0,
+    method: Literal["log", "root4"] = "log",
+) -> npt.NDArray[np.float32]:
+    """Bring a volume from its reader's intensity domain to the display domain [0, 1].
+
+    Parameters
+    ----------
+    data : array_like
+        Reader output.
+    domain : {"linear", "display"}
+        ``OctVolume.intensity``.
+    full_scale : float
+        For display data, the value of white (see :func:`display_full_scale`).
+    method : {"log", "root4"}
+        Mapping for linear data (see the module docstring).
+
+    Returns
+    -------
+    ndarray of float32 in [0, 1]
+    """
+    if domain == "linear":
+        return linear_to_display(data, method=method)
+    if domain != "display":
+        raise ValueError(f"domain must be 'linear' or 'display', got {domain!r}")
+    if not full_scale > 0:
+        raise ValueError(f"full_scale must be > 0, got {full_scale}")
+    x = np.asarray(data, dtype=np.float32)
+    x = np.where(np.isfinite(x), x, 0.0) / np.float32(full_scale)
+    return np.clip(x, 0.0, 1.0).astype(np.float32)
+
+
+def normalize_volume(
+    display: npt.ArrayLike,
+    *,
+    invalid: npt.ArrayLike | None = None,
+    percentiles: tuple[float, float] | None = None,
+) -> tuple[npt.NDArray[np.float32], tuple[float, float]]:
+    """Normalise one volume to [-1, 1], the paper's per-volume rule.
+
+    Parameters
+    ----------
+    display : array_like
+        Display-domain volume.
+    invalid : array_like of bool, optional
+        Pixels to ignore when finding the range; they are set to -1.
+    percentiles : (float, float), optional
+        Robust range (e.g. ``(0.5, 99.5)``) instead of the minimum and maximum (default,
+        as in the paper).
+
+    Returns
+    -------
+    normalised : ndarray of float32 in [-1, 1]
+    (low, high) : tuple of float
+        The input values mapped to -1 and 1, so the mapping can be undone or recorded.
+
+    Examples
+    --------
+    >>> out, (lo, hi) = normalize_volume(np.array([[[0.2, 0.6]]]))
+    >>> out.tolist(), round(lo, 3), round(hi, 3)
+    ([[[-1.0, 1.0]]], 0.2, 0.6)
+    """
+    x = np.asarray(display, dtype=np.float32)
+    valid = np.isfinite(x)
+    if invalid is not None:
+        valid &= ~np.asarray(invalid, dtype=bool)
+    values = x[valid]
+    if values.size == 0:
+        raise ValueError("volume has no valid pixels to normalise")
+    if percentiles is None:
+        low, high = float(values.min()), float(values.max())
+    else:
+        lo_p, hi_p = percentiles
+        if not 0 <= lo_p < hi_p <= 100:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {percentiles}")
+        low, high = (float(v) for v in np.percentile(values, [lo_p, hi_p]))
+    scale = high - low if high > low else 1.0
+    out = np.clip((x - low) / scale * 2.0 - 1.0, -1.0, 1.0)
+    out = np.where(valid, out, -1.0).astype(np.float32)
+    return out, (low, high)

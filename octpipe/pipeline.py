@@ -1,0 +1,390 @@
+"""Batch ingestion: discover inputs, read and normalise each on Dask, write the store.
+
+One Dask task per input file on a ``dask.distributed`` cluster (a LocalCluster of
+worker processes by default, or any scheduler address). Each task reads its file,
+brings it to the display domain, normalises it to [-1, 1] and writes one volume group
+per series atomically (see :mod:`octpipe.store`). A bad file becomes a ``failed``
+manifest row and the batch goes on; a rerun skips volumes already complete (by the
+source's sha256) unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from octpipe import __version__
+from octpipe.errors import FormatError, OctpipeError
+from octpipe.io import read_volumes
+from octpipe.io._common import file_sha256
+from octpipe.io.detect import detect_format
+
+__all__ = ["InputFile", "IngestResult", "discover_inputs", "ingest", "ingest_one", "MANIFEST_FIELDS", "git_hash"]
+
+MANIFEST_FIELDS = ("volume_id", "path", "sha256", "format", "series", "shape", "spacing_mm", "spacing_source",
+                   "laterality", "status", "error", "seconds")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input: a file, or a folder of same-size B-scan images."""
+
+    path: str
+    rel: str
+    format: str
+
+
+@dataclass
+class IngestResult:
+    """What an ingest run did."""
+
+    rows: list[dict[str, object]]
+    manifest: Path
+    store: Path
+    log: Path
+    seconds: float
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when no input failed."""
+        return self.counts.get("failed", 0) == 0
+
+
+def git_hash() -> str:
+    """The git commit of the octpipe checkout, or ``"unknown"`` for an installed copy."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def _row(**values: object) -> dict[str, object]:
+    row: dict[str, object] = dict.fromkeys(MANIFEST_FIELDS, "")
+    row.update(values)
+    return row
+
+
+def _image_size(path: Path) -> tuple[int, int, int] | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return (*im.size, getattr(im, "n_frames", 1))
+    except (OSError, ValueError):
+        return None
+
+
+#: An image with this few distinct grey values is a label map, not a B-scan.
+LABEL_MAP_MAX_VALUES = 16
+
+
+def _label_map_values(path: Path) -> int | None:
+    """Number of distinct values when ``path`` looks like a label/mask image, else None."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("L") if im.mode not in ("L", "I;16", "I") else im)
+    except (OSError, ValueError):
+        return None
+    n = len(np.unique(arr))
+    return n if n <= LABEL_MAP_MAX_VALUES else None
+
+
+def discover_inputs(sources: Sequence[str | Path], *, exclude: Sequence[str | Path] = ()) -> tuple[
+        list[InputFile], list[dict[str, object]]]:
+    """Find every OCT input under ``sources`` (files and folders, recursively).
+
+    Non-OCT files are returned as ``skipped`` manifest rows, and so are images with at
+    most :data:`LABEL_MAP_MAX_VALUES` grey values (annotation masks exported beside the
+    B-scans). Folders ending in ``.zarr`` and hidden entries are not entered. In a
+    folder, two or more single-page images of one size are one volume (a B-scan folder);
+    otherwise each image is its own input.
+
+    Returns
+    -------
+    inputs : list of InputFile
+    skipped : list of dict
+        Manifest rows for what is not an OCT input (or cannot be read).
+    """
+    excluded = {Path(p).resolve() for p in exclude}
+    inputs: list[InputFile] = []
+    rows: list[dict[str, object]] = []
+
+    def consider(path: Path, rel: str) -> InputFile | None:
+        try:
+            fmt = detect_format(path)
+        except FormatError as exc:
+            rows.append(_row(path=rel, status="skipped", error=exc.reason))
+            return None
+        except OctpipeError as exc:
+            rows.append(_row(path=rel, status="failed", error=exc.reason))
+            return None
+        return InputFile(str(path), rel, fmt)
+
+    for source in sources:
+        source = Path(source)
+        if not source.exists():
+            rows.append(_row(path=str(source), status="failed", error="no such file or folder"))
+            continue
+        if source.is_file():
+            found = consider(source, source.name)
+            if found:
+                inputs.append(found)
+            continue
+        for dirpath, dirnames, filenames in os.walk(source):
+            here = Path(dirpath)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not d.endswith(".zarr")
+                                 and (here / d).resolve() not in excluded)
+            images: list[tuple[Path, str]] = []
+            for name in sorted(filenames):
+                if name.startswith("."):
+                    continue
+                path = here / name
+                rel = os.path.join(source.name, os.path.relpath(path, source))
+                found = consider(path, rel)
+                if found is None:
+                    continue
+                if found.format == "image":
+                    n_values = _label_map_values(path)
+                    if n_values is not None:
+                        rows.append(_row(path=rel, format="image", status="skipped",
+                                         error=f"looks like a label map ({n_values} grey values), not a B-scan"))
+                        continue
+                    images.append((path, rel))
+                else:
+                    inputs.append(found)
+            sizes = {_image_size(p) for p, _ in images}
+            if len(images) >= 2 and len(sizes) == 1 and None not in sizes and next(iter(sizes))[2] == 1:
+                rel = os.path.join(source.name, os.path.relpath(here, source))
+                inputs.append(InputFile(str(here), os.path.normpath(rel), "bscan-folder"))
+            else:
+                inputs.extend(InputFile(str(p), r, "image") for p, r in images)
+    return inputs, rows
+
+
+def ingest_one(item: InputFile, store: str, salt: str, complete: dict[tuple[str, int], str], *,
+               overwrite: bool = False, normalize_percentiles: tuple[float, float] | None = None,
+               display_method: str = "log") -> list[dict[str, object]]:
+    """Ingest one input into the store; return its manifest rows (one per series).
+
+    Never raises for a bad input: an :class:`~octpipe.errors.OctpipeError` becomes a
+    ``failed`` row with the one-line reason.
+    """
+    from octpipe.preprocess.intensity import display_full_scale, normalize_volume, to_display
+    from octpipe.store import store_volume_id, write_volume
+
+    t0 = time.perf_counter()
+    base = {"path": item.rel, "format": item.format}
+    try:
+        sha = file_sha256(item.path) if os.path.isfile(item.path) else ""
+        if sha and not overwrite and (sha, 0) in complete:
+            ids = [(s, v) for (h, s), v in sorted(complete.items()) if h == sha]
+            return [_row(**base, sha256=sha, series=s, volume_id=v, status="skipped", error="already complete",
+                         seconds=round(time.perf_counter() - t0, 3)) for s, v in ids]
+        volumes = read_volumes(item.path, format=item.format)
+    except OctpipeError as exc:
+        return [_row(**base, sha256=locals().get("sha", ""), status="failed", error=exc.reason,
+                     seconds=round(time.perf_counter() - t0, 3))]
+    rows = []
+    for series, vol in enumerate(volumes):
+        t1 = time.perf_counter()
+        prov = vol.provenance
+        digest = prov.sha256 if prov else sha
+        vid = store_volume_id(salt, digest, series)
+        common = dict(base, sha256=digest, series=series, volume_id=vid, shape="x".join(map(str, vol.shape)),
+                      spacing_mm=";".join(f"{s:.6g}" for s in vol.spacing_mm), spacing_source=vol.spacing_source,
+                      laterality=vol.laterality or "")
+        if (digest, series) in complete and not overwrite:
+            rows.append(_row(**common, status="skipped", error="already complete",
+                             seconds=round(time.perf_counter() - t1, 3)))
+            continue
+        try:
+            display = to_display(vol.data, domain=vol.intensity,  # type: ignore[arg-type]
+                                 full_scale=display_full_scale(vol.meta, vol.data),
+                                 method=display_method)  # type: ignore[arg-type]
+            image, (low, high) = normalize_volume(display, invalid=vol.invalid, percentiles=normalize_percentiles)
+        except ValueError as exc:
+            rows.append(_row(**common, status="failed", error=str(exc), seconds=round(time.perf_counter() - t1, 3)))
+            continue
+        import numpy as np
+
+        arrays: dict[str, object] = {"image": image}
+        array_attrs: dict[str, dict[str, object]] = {"image": {"axes": ["z", "y", "x"], "range": [-1, 1]}}
+        if vol.layers:
+            names = list(vol.layers)
+            arrays["layers"] = np.stack([vol.layers[n] for n in names]).astype(np.float32)
+            array_attrs["layers"] = {"names": names, "axes": ["layer", "z", "x"], "units": "row (pixel centre)"}
+        if vol.invalid is not None and vol.invalid.any():
+            arrays["valid"] = (~vol.invalid).astype(np.uint8)
+        attrs = {
+            "source": item.rel, "sha256": digest, "series": series, "format": item.format,
+            "reader": prov.reader if prov else "", "shape": list(vol.shape),
+            "spacing_mm": list(vol.spacing_mm), "spacing_source": vol.spacing_source,
+            "laterality": vol.laterality, "scan_pattern": vol.scan_pattern, "vendor": vol.vendor,
+            "bscan_order": vol.bscan_order, "source_intensity": vol.intensity,
+            "preprocessing": {"display_transform": display_method if vol.intensity == "linear" else "scale",
+                              "normalisation": "percentile" if normalize_percentiles else "minmax",
+                              "percentiles": list(normalize_percentiles) if normalize_percentiles else None,
+                              "display_range": [low, high]},
+            "octpipe_version": __version__,
+        }
+        written = write_volume(store, vid, arrays, attrs, array_attrs=array_attrs, overwrite=overwrite)
+        rows.append(_row(**common, status="ok" if written else "skipped",
+                         error="" if written else "duplicate: same content as another input",
+                         seconds=round(time.perf_counter() - t1 + (t1 - t0) / len(volumes), 3)))
+    return rows
+
+
+def _write_csv(path: Path, rows: Iterable[dict[str, object]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def ingest(
+    sources: Sequence[str | Path],
+    store: str | Path,
+    *,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    manifest: str | Path | None = None,
+    overwrite: bool = False,
+    memory_limit: str = "auto",
+    normalize_percentiles: tuple[float, float] | None = None,
+    progress: bool = False,
+    echo: Callable[[str], object] | None = None,
+) -> IngestResult:
+    """Ingest every OCT file under ``sources`` into the Zarr ``store``.
+
+    Parameters
+    ----------
+    sources : sequence of paths
+        Files and folders (searched recursively).
+    store : path
+        The store (created when missing).
+    workers : int, optional
+        Worker processes of the LocalCluster; default all cores. ``0`` runs every task
+        in this process without Dask (for debugging and small tests).
+    scheduler : str, optional
+        Address of an existing ``dask.distributed`` scheduler (``tcp://host:8786``);
+        ``workers`` is then ignored.
+    manifest : path, optional
+        Where to write the CSV manifest too; default ``<store>-manifest.csv`` beside the
+        store. The store always keeps its own ``manifest.csv``.
+    overwrite : bool
+        Redo volumes that are already complete.
+    memory_limit : str
+        Memory limit per LocalCluster worker (dask syntax, e.g. ``"2GB"``).
+    normalize_percentiles : (float, float), optional
+        Robust normalisation range instead of min/max.
+    progress : bool
+        Show a progress bar.
+    echo : callable, optional
+        Receives one line per failed input as it happens.
+
+    Returns
+    -------
+    IngestResult
+    """
+    from octpipe.store import complete_volumes, open_store
+
+    t0 = time.perf_counter()
+    store = Path(store)
+    root = open_store(store)
+    salt = str(root.attrs["pseudonym_salt"])
+    inputs, rows = discover_inputs(sources, exclude=[store])
+    complete = complete_volumes(store)
+    kwargs = {"overwrite": overwrite, "normalize_percentiles": normalize_percentiles}
+
+    bar = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress(transient=False)
+        task = bar.add_task("ingest", total=len(inputs))
+        bar.start()
+
+    def collect(new_rows: list[dict[str, object]]) -> None:
+        rows.extend(new_rows)
+        if echo:
+            for r in new_rows:
+                if r["status"] == "failed":
+                    echo(f"failed: {r['path']}: {r['error']}")
+        if bar is not None:
+            bar.advance(task)
+
+    try:
+        if workers == 0 and scheduler is None:
+            for item in inputs:
+                collect(ingest_one(item, str(store), salt, complete, **kwargs))
+        else:
+            _run_on_dask(inputs, store, salt, complete, kwargs, workers, scheduler, memory_limit, collect)
+    finally:
+        if bar is not None:
+            bar.stop()
+
+    rows.sort(key=lambda r: (str(r["path"]), str(r["series"])))
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
+    _write_csv(store / "manifest.csv", rows)
+    manifest_path = Path(manifest) if manifest else store.with_name(store.name.removesuffix(".zarr") + "-manifest.csv")
+    _write_csv(manifest_path, rows)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    logs = store / "logs"
+    logs.mkdir(exist_ok=True)
+    log = logs / f"ingest-{stamp}.log"
+    seconds = round(time.perf_counter() - t0, 2)
+    with open(log, "w") as fh:
+        for r in rows:
+            fh.write(f"{r['status']}\t{r['path']}\t{r['volume_id']}\t{r['error']}\n")
+        fh.write(f"# {counts} in {seconds} s\n")
+    (logs / f"ingest-{stamp}.json").write_text(json.dumps({
+        "command": "ingest", "octpipe_version": __version__, "git": git_hash(),
+        "config": {"sources": [str(s) for s in sources], "store": str(store), "workers": workers,
+                   "scheduler": scheduler, "overwrite": overwrite, "memory_limit": memory_limit,
+                   "normalize_percentiles": normalize_percentiles},
+        "counts": counts, "seconds": seconds,
+    }, indent=2))
+    return IngestResult(rows=rows, manifest=manifest_path, store=store, log=log, seconds=seconds, counts=counts)
+
+
+def _run_on_dask(inputs, store, salt, complete, kwargs, workers, scheduler, memory_limit, collect) -> None:
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if scheduler:
+        client = Client(scheduler)
+    else:
+        n = workers or os.cpu_count() or 1
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                               memory_limit=memory_limit, silence_logs=40)
+        client = Client(cluster)
+    try:
+        futures = client.map(ingest_one, inputs, store=str(store), salt=salt, complete=complete,
+                             pure=False, **kwargs)
+        owner = {f.key: item for f, item in zip(futures, inputs, strict=True)}
+        for future in as_completed(futures):
+            try:
+                collect(future.result())
+            except Exception as exc:  # a worker died or a reader bug: record it, go on
+                item = owner[future.key]
+                collect([_row(path=item.rel, format=item.format, status="failed",
+                              error=f"task failed: {type(exc).__name__}: {exc}".splitlines()[0])])
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

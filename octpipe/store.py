@@ -1,0 +1,194 @@
+"""The Zarr store: one store per dataset, one group per volume (layout in DESIGN.md).
+
+::
+
+    STORE.zarr/
+      zarr.json                  attrs: octpipe_store (layout version), octpipe version, salt
+      volumes/<volume_id>/       attrs: source, sha256, format, spacing_mm, ..., status
+        image   (z, y, x) float32 in [-1, 1]
+        layers  (n, z, x) float32 rows (attrs: names), when the source has layers
+        valid   (z, y, x) uint8, when the source marks invalid pixels
+      manifest.csv               the last ingest's rows, one per input
+      logs/                      one log per run
+      .staging/                  volumes being written (never read as results)
+
+A volume group is written complete under ``.staging/`` and then renamed into
+``volumes/``: a crash never leaves a half-written volume that looks finished, and a
+volume present under ``volumes/`` with ``status == "complete"`` is done. Renames are
+atomic on a local or POSIX network file system, which is what this store is for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import zarr
+
+from octpipe import __version__
+from octpipe.errors import OctpipeError
+from octpipe.privacy import pseudonymous_id
+
+__all__ = [
+    "STORE_LAYOUT_VERSION",
+    "open_store",
+    "store_salt",
+    "store_volume_id",
+    "complete_volumes",
+    "write_volume",
+    "read_volume_group",
+    "volume_ids",
+]
+
+STORE_LAYOUT_VERSION = 1
+
+
+def open_store(path: str | Path, *, create: bool = True) -> zarr.Group:
+    """Open (or create) a store and return its root group.
+
+    Raises
+    ------
+    OctpipeError
+        If ``path`` exists but is not an octpipe store, or is missing and ``create`` is false.
+    """
+    path = Path(path)
+    meta = path / "zarr.json"
+    if meta.exists():
+        root = zarr.open_group(str(path), mode="r+")
+        if "octpipe_store" not in root.attrs:
+            raise OctpipeError("is a Zarr group but not an octpipe store", path)
+        return root
+    if not create:
+        raise OctpipeError("no octpipe store here", path)
+    if path.exists() and any(path.iterdir()):
+        raise OctpipeError("folder exists and is not an empty octpipe store", path)
+    root = zarr.open_group(str(path), mode="w")
+    root.attrs.update({
+        "octpipe_store": STORE_LAYOUT_VERSION,
+        "octpipe_version": __version__,
+        # Volume ids are salted hashes of the source identity; the salt stays with the store.
+        "pseudonym_salt": secrets.token_hex(16),
+        "axes": ["z", "y", "x"],
+    })
+    root.create_group("volumes")
+    return root
+
+
+def store_salt(path: str | Path) -> str:
+    """The store's pseudonym salt."""
+    return str(open_store(path, create=False).attrs["pseudonym_salt"])
+
+
+def store_volume_id(salt: str, sha256: str, series: int = 0) -> str:
+    """Volume id in a store: a salted hash of the source file's hash and series index."""
+    return pseudonymous_id(salt, sha256, series, prefix="v", length=16)
+
+
+def _read_attrs(group_dir: Path) -> dict:
+    try:
+        meta = json.loads((group_dir / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta.get("attributes", {}) if isinstance(meta, dict) else {}
+
+
+def complete_volumes(path: str | Path) -> dict[tuple[str, int], str]:
+    """``{(sha256, series): volume_id}`` for every complete volume in the store."""
+    out = {}
+    vol_dir = Path(path) / "volumes"
+    if not vol_dir.is_dir():
+        return out
+    for child in vol_dir.iterdir():
+        attrs = _read_attrs(child)
+        if attrs.get("status") == "complete" and "sha256" in attrs:
+            out[(attrs["sha256"], int(attrs.get("series", 0)))] = child.name
+    return out
+
+
+def volume_ids(path: str | Path) -> list[str]:
+    """Sorted ids of the complete volumes in a store."""
+    return sorted(complete_volumes(path).values())
+
+
+def write_volume(
+    store: str | Path,
+    volume_id: str,
+    arrays: Mapping[str, npt.NDArray],
+    attrs: Mapping[str, object],
+    *,
+    array_attrs: Mapping[str, Mapping[str, object]] | None = None,
+    overwrite: bool = False,
+) -> bool:
+    """Write one volume group atomically (stage, then rename into ``volumes/``).
+
+    Parameters
+    ----------
+    store : str or Path
+        An existing store (see :func:`open_store`).
+    volume_id : str
+        Group name under ``volumes/``.
+    arrays : mapping of str to ndarray
+        Arrays of the group. 3-D arrays are chunked one B-scan per chunk.
+    attrs : mapping
+        Group attributes (JSON-serialisable). ``status`` is set to ``"complete"``.
+    array_attrs : mapping, optional
+        Attributes per array (e.g. layer names).
+    overwrite : bool
+        Replace an existing group of this id. Otherwise an existing one is kept.
+
+    Returns
+    -------
+    bool
+        True when written, False when a complete group of this id already existed.
+    """
+    store = Path(store)
+    target = store / "volumes" / volume_id
+    if target.exists() and not overwrite:
+        return False
+    staging = store / ".staging" / f"{volume_id}-{uuid.uuid4().hex[:8]}"
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        group = zarr.open_group(str(staging), mode="w")
+        for name, data in arrays.items():
+            data = np.asarray(data)
+            chunks = (1, *data.shape[1:]) if data.ndim == 3 and name != "layers" else data.shape
+            arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks)
+            arr[...] = data
+            extra = (array_attrs or {}).get(name)
+            if extra:
+                arr.attrs.update(dict(extra))
+        group.attrs.update({**attrs, "status": "complete"})
+        if target.exists():  # overwrite: move the old one aside first, then swap
+            trash = store / ".staging" / f"old-{volume_id}-{uuid.uuid4().hex[:8]}"
+            os.rename(target, trash)
+            os.rename(staging, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            try:
+                os.rename(staging, target)
+            except OSError:  # another worker finished the same volume first
+                if (target / "zarr.json").exists():
+                    shutil.rmtree(staging, ignore_errors=True)
+                    return False
+                raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return True
+
+
+def read_volume_group(store: str | Path, volume_id: str) -> tuple[dict[str, np.ndarray], dict]:
+    """Read a volume group's arrays and attributes (for tests and small tools)."""
+    path = Path(store) / "volumes" / volume_id
+    if not (path / "zarr.json").exists():
+        raise OctpipeError(f"no volume {volume_id!r} in the store", store)
+    group = zarr.open_group(str(path), mode="r")
+    arrays = {name: arr[...] for name, arr in group.arrays()}
+    return arrays, dict(group.attrs)
