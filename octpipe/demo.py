@@ -23,13 +23,8 @@ __all__ = ["run_demo", "DEMO_LESIONS"]
 DEMO_LESIONS = "irf,srf,ped,drusen,hrf"
 
 
-def _readers() -> dict[str, Callable[[Path], OctVolume]]:
-    from octpipe.io.dicom import read_dicom
-    from octpipe.io.heyex_vol import read_heyex_vol
-    from octpipe.io.images import read_bscan_folder
-    from octpipe.io.nifti import read_nifti
-
-    return {"vol": read_heyex_vol, "dicom": read_dicom, "nifti": read_nifti, "png": read_bscan_folder}
+#: The phantom formats the demo writes; each is read back with format detection.
+_FORMATS = ("vol", "dicom", "nifti", "png")
 
 
 def _check_readback(fmt: str, vol: OctVolume, truth: dict, ilm: np.ndarray, bm: np.ndarray) -> list[str]:
@@ -89,7 +84,7 @@ def _figure(phantom_npz: Path, display: np.ndarray, truth: dict, out_png: Path) 
 
 def run_demo(out: Path, *, n: int = 4, seed: int = 0, progress: bool = False,
              echo: Callable[[str], object] = print, shape: tuple[int, int, int] | None = None,
-             spacing_mm: tuple[float, float, float] | None = None) -> dict:
+             spacing_mm: tuple[float, float, float] | None = None, workers: int | None = None) -> dict:
     """Run the demo into ``out`` and return a summary dict (also printed via ``echo``).
 
     Parameters
@@ -106,6 +101,8 @@ def run_demo(out: Path, *, n: int = 4, seed: int = 0, progress: bool = False,
         Where the progress lines go.
     shape, spacing_mm : tuple, optional
         Phantom geometry; the Spectralis default (49 × 496 × 512) when None.
+    workers : int, optional
+        Dask workers for the ingest stage (default all cores; 0 runs in-process).
 
     Returns
     -------
@@ -126,11 +123,12 @@ def run_demo(out: Path, *, n: int = 4, seed: int = 0, progress: bool = False,
     geometry = {k: v for k, v in (("shape", shape), ("spacing_mm", spacing_mm)) if v is not None}
     cohort = make_cohort(n, seed=seed, lesions=parse_lesion_specs(DEMO_LESIONS), healthy_fraction=0.5, **geometry)
     manifest = write_cohort(cohort, phantom_dir, progress=progress)
-    echo(f"[1/3] phantoms: {n} volumes in vol/dicom/nifti/png -> {phantom_dir} (manifest {manifest.name})")
+    echo(f"[1/4] phantoms: {n} volumes in vol/dicom/nifti/png -> {phantom_dir} (manifest {manifest.name})")
     summary["stages"]["phantoms"] = {"folder": str(phantom_dir), "manifest": str(manifest), "n": n}
 
     # 2. read every file back through octpipe's readers and compare with the truth
-    readers = _readers()
+    from octpipe.io import read_volume
+
     rows = []
     with open(manifest) as fh:
         entries = list(csv.DictReader(fh))
@@ -138,10 +136,10 @@ def run_demo(out: Path, *, n: int = 4, seed: int = 0, progress: bool = False,
         truth = json.loads((phantom_dir / entry["truth_json"]).read_text())
         with np.load(phantom_dir / entry["truth_npz"]) as t:
             ilm, bm = t["ilm"], t["bm"]
-        for fmt, reader in readers.items():
+        for fmt in _FORMATS:
             path = phantom_dir / entry[fmt]
             try:
-                vol = reader(path)
+                vol = read_volume(path)
                 problems = _check_readback(fmt, vol, truth, ilm, bm)
             except OctpipeError as exc:
                 vol, problems = None, [str(exc)]
@@ -160,18 +158,31 @@ def run_demo(out: Path, *, n: int = 4, seed: int = 0, progress: bool = False,
         writer.writeheader()
         writer.writerows(rows)
     n_ok = sum(r["ok"] for r in rows)
-    echo(f"[2/3] read back: {n_ok}/{len(rows)} files match the truth (shape, spacing, laterality, ILM/BM) "
+    echo(f"[2/4] read back: {n_ok}/{len(rows)} files match the truth (shape, spacing, laterality, ILM/BM) "
          f"-> {readback}")
     summary["stages"]["readback"] = {"table": str(readback), "ok": n_ok, "total": len(rows)}
 
-    # 3. figures: the most diseased B-scan of each phantom with its truth, and the en-face lesion map
+    # 3. ingest the whole phantom folder into a Zarr store on a local Dask cluster
+    from octpipe.pipeline import ingest
+
+    store = out / "store.zarr"
+    result = ingest([phantom_dir], store, workers=workers, progress=progress)
+    c = result.counts
+    echo(f"[3/4] ingest: {c['ok']} volumes written, {c['skipped']} non-OCT files skipped, {c['failed']} failed "
+         f"in {result.seconds} s -> {store} (manifest {result.manifest.name})")
+    summary["stages"]["ingest"] = {"store": str(store), "manifest": str(result.manifest), **c,
+                                   "seconds": result.seconds}
+    if c["failed"] or c["ok"] != len(_FORMATS) * n:
+        summary["failures"].append(f"ingest: expected {len(_FORMATS) * n} volumes, got {c}")
+
+    # 4. figures: the most diseased B-scan of each phantom with its truth, and the en-face lesion map
     figures = []
     for entry in entries:
         truth = json.loads((phantom_dir / entry["truth_json"]).read_text())
-        vol = readers["vol"](phantom_dir / entry["vol"])
+        vol = read_volume(phantom_dir / entry["vol"])
         png = out / "figures" / f"{entry['name']}.png"
         _figure(phantom_dir / entry["truth_npz"], linear_to_display(vol.data), truth, png)
         figures.append(str(png))
-    echo(f"[3/3] figures: {len(figures)} B-scan + en-face truth figures -> {out / 'figures'}")
+    echo(f"[4/4] figures: {len(figures)} B-scan + en-face truth figures -> {out / 'figures'}")
     summary["stages"]["figures"] = figures
     return summary

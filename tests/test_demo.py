@@ -8,9 +8,10 @@ from tests.conftest import SMALL_SPACING
 
 def test_demo_runs_every_stage_on_phantoms(tmp_path):
     lines = []
-    summary = run_demo(tmp_path, n=2, seed=1, echo=lines.append, shape=(3, 248, 256), spacing_mm=SMALL_SPACING)
+    summary = run_demo(tmp_path, n=2, seed=1, echo=lines.append, shape=(3, 248, 256), spacing_mm=SMALL_SPACING,
+                       workers=0)
     assert summary["failures"] == []
-    assert len(lines) == 3 and lines[0].startswith("[1/3] phantoms")
+    assert len(lines) == 4 and lines[0].startswith("[1/4] phantoms")
     with open(tmp_path / "readback.csv") as fh:
         rows = list(csv.DictReader(fh))
     # 2 phantoms x 4 formats, each read back by octpipe with the phantom's geometry
@@ -20,6 +21,9 @@ def test_demo_runs_every_stage_on_phantoms(tmp_path):
     truth = json.loads((tmp_path / "phantoms" / "phantom-0001_truth.json").read_text())
     assert truth["diseased"] is True
     assert len(summary["stages"]["figures"]) == 2
+    # the ingest stage wrote one volume per phantom file, skipping the truth sidecars
+    assert summary["stages"]["ingest"]["ok"] == 8 and summary["stages"]["ingest"]["failed"] == 0
+    assert (tmp_path / "store.zarr" / "manifest.csv").exists()
     assert all((tmp_path / "figures" / f"phantom-000{k}.png").stat().st_size > 10_000 for k in range(2))
 
 

@@ -1,7 +1,6 @@
 """Every file in ../shared/data/real reads with the right shape, or is refused with a precise reason."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
