@@ -188,6 +188,16 @@ def _int(element: ET.Element, xpath: str, what: str, path: Path) -> int | None:
         raise CorruptFileError(f"{what} is {value[:40]!r}, not an integer", path) from exc
 
 
+def _lenient(element: ET.Element, xpath: str, kind: type[int] | type[float]) -> float | int | None:
+    """A descriptive number (quality, localizer field): None when absent or unreadable."""
+    value = _text(element, xpath)
+    try:
+        number = kind(value) if value is not None else None
+    except ValueError:
+        return None
+    return number if number is None or math.isfinite(number) else None
+
+
 def _image_type(image: ET.Element) -> str:
     return (_text(image, "ImageType/Type") or "").upper()
 
@@ -322,23 +332,23 @@ def _laterality(series: ET.Element, first_oct: ET.Element) -> str | None:
     return {"R": "OD", "OD": "OD", "L": "OS", "OS": "OS"}.get(value)
 
 
-def _localizer_meta(images: list[ET.Element], path: Path) -> dict[str, object]:
+def _localizer_meta(images: list[ET.Element]) -> dict[str, object]:
     localizers = [i for i in images if _image_type(i) == "LOCALIZER"]
     if not localizers:
         return {"present": False}
     loc = localizers[0]
     ctx = "OphthalmicAcquisitionContext"
-    width = _int(loc, f"{ctx}/Width", "localizer Width", path)
-    height = _int(loc, f"{ctx}/Height", "localizer Height", path)
-    scale_x = _float(loc, f"{ctx}/ScaleX", "localizer ScaleX", path)
-    scale_y = _float(loc, f"{ctx}/ScaleY", "localizer ScaleY", path)
+    width = _lenient(loc, f"{ctx}/Width", int)
+    height = _lenient(loc, f"{ctx}/Height", int)
+    scale_x = _lenient(loc, f"{ctx}/ScaleX", float)
+    scale_y = _lenient(loc, f"{ctx}/ScaleY", float)
     return {
         "present": True,
         "count": len(localizers),
         "shape": None if width is None or height is None else (height, width),
         "spacing_mm": None if scale_x is None or scale_y is None else (scale_y, scale_x),
-        "field_deg": _float(loc, f"{ctx}/Angle", "localizer Angle", path),
-        "scan_focus_dpt": _float(loc, f"{ctx}/Focus", "localizer Focus", path),
+        "field_deg": _lenient(loc, f"{ctx}/Angle", float),
+        "scan_focus_dpt": _lenient(loc, f"{ctx}/Focus", float),
         "light_source": _text(loc, "ImageType/LightSource"),
     }
 
@@ -458,11 +468,10 @@ def read_heyex_xml(path: str | Path) -> OctVolume:
         "num_images": num_images,
         "heyex_version": _text(body, "SWVersion/Version"),
         "series_type": _text(series, "Type"),
-        "bscan_quality": [_float(img, "OphthalmicAcquisitionContext/ImageQuality", f"ImageQuality of B-scan {i}",
-                                 path) for i, img in enumerate(octs)],
+        "bscan_quality": [_lenient(img, "OphthalmicAcquisitionContext/ImageQuality", float) for img in octs],
         "bscan_start_mm": starts,
         "bscan_end_mm": ends,
-        "localizer": _localizer_meta(images, path),
+        "localizer": _localizer_meta(images),
     }
     if have_coords:
         pts_s = [s for s in starts if s is not None]
@@ -554,16 +563,16 @@ def _layer_text(row: npt.NDArray[np.float32]) -> str:
 
 def _save_image(target: Path, image: npt.NDArray[np.uint8], image_format: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            if image_format == "png":
-                from PIL import Image
+        if image_format == "png":
+            from PIL import Image
 
-                Image.fromarray(np.ascontiguousarray(image)).save(fh, format="PNG")
-            else:
-                import tifffile
+            Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG")
+        else:
+            import tifffile
 
-                tifffile.imwrite(fh, np.ascontiguousarray(image), photometric="minisblack")
+            tifffile.imwrite(tmp, np.ascontiguousarray(image), photometric="minisblack")
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
@@ -588,12 +597,12 @@ def write_heyex_xml(
     overwrite: bool = False,
     image_format: Literal["png", "tif"] = "png",
 ) -> Path:
-    """Write a Heyex-style XML export: ``export.xml``, one image per B-scan and a localizer.
+    r"""Write a Heyex-style XML export: ``export.xml``, one image per B-scan and a localizer.
 
     B-scans are laid out as a horizontal raster centred on a synthetic 256 x 256
     localizer spanning 8.64 mm (30 degrees), B-scan 0 at the bottom (largest y,
     inferior first) as Spectralis does. ExamURLs are Windows paths
-    (``C:\\HEYEX\\Export\\bscan_000.png``) so readers must resolve them by name.
+    (``C:\HEYEX\Export\bscan_000.png``) so readers must resolve them by name.
     The images are written first, then the XML, each under a temporary name that is
     renamed into place.
 
@@ -670,12 +679,12 @@ def write_heyex_xml(
         if arr.shape != (n, cols):
             raise ValueError(f"layer {name!r} must have shape {(n, cols)}, got {arr.shape}")
         rows_by_layer[name] = arr
-    fields = dict(_PLACEHOLDER_PATIENT)
+    fields: dict[str, object] = dict(_PLACEHOLDER_PATIENT)
     if patient is not None:
         unknown = sorted(set(patient) - set(_PATIENT_KEYS))
         if unknown:
             raise ValueError(f"unknown patient keys {unknown}; valid: {list(_PATIENT_KEYS)}")
-        fields.update({k: patient[k] for k in patient})  # type: ignore[misc]
+        fields.update(patient)
     birth = _date_parts(fields["BirthDate"])
 
     folder = Path(folder)
