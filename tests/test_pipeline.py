@@ -215,3 +215,18 @@ def test_ingest_command_exit_codes(tmp_path, capsys):
     assert "1 skipped, 1 failed" in captured.out
     assert "failed: in/bad.vol:" in captured.err
     assert main(["ingest", str(src), "-o", str(tmp_path / "s.zarr"), "--robust", "9,1"]) == 2
+
+
+def test_ingest_of_the_real_sample_data(real_data, tmp_path):
+    result = ingest([real_data], tmp_path / "real.zarr", workers=0)
+    rows = _by_path(result.rows)
+    ok = {p for p, r in rows.items() if r["status"] == "ok"}
+    assert {"real/halirutan_spectralis-raw-data/test-data/valid.vol",
+            "real/DIAGNijmegen_rse-panimg/tests/resources/oct/e2e_minimized.E2E",
+            "real/DIAGNijmegen_rse-panimg/tests/resources/oct/fda_minimized.fda",
+            "real/BilalHassan90_OCT-Biomarker-Segmentation/OCT Volumes/1/Raw Scans"} <= ok
+    assert rows["real/BilalHassan90_OCT-Biomarker-Segmentation/OCT Volumes/1/Raw Scans"]["shape"] == "19x512x496"
+    masks = [r for p, r in rows.items() if "Ground Truth Labels" in p or "/mask/" in p]
+    assert masks and all(r["status"] == "skipped" and "label map" in r["error"] for r in masks)
+    assert rows["real/SOURCES.md"]["status"] == "skipped"
+    assert result.counts["failed"] == 0
