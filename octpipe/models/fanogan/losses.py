@@ -160,7 +160,7 @@ def wgan_generator_loss(critic: Critic, fake: torch.Tensor) -> torch.Tensor:
 
 
 def izi_loss(x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
-    """izi encoder loss (paper Eq. 2): MSE between images and reconstructions ``G(E(x))``.
+    """Izi encoder loss (paper Eq. 2): MSE between images and reconstructions ``G(E(x))``.
 
     Parameters
     ----------
@@ -230,7 +230,7 @@ def izif_loss(
 
 
 def ziz_loss(z: torch.Tensor, z_rec: torch.Tensor) -> torch.Tensor:
-    """ziz encoder loss (paper Eq. 1): ``(1/d)·‖z − E(G(z))‖²``, averaged over the batch.
+    """Ziz encoder loss (paper Eq. 1): ``(1/d)·‖z − E(G(z))‖²``, averaged over the batch.
 
     Parameters
     ----------

@@ -631,6 +631,8 @@ def bn_stat_updates(module: nn.Module, *, enabled: bool) -> Iterator[nn.Module]:
     ``num_batches_tracked`` and would turn the running statistics into NaN if a batch variance
     were non-finite.) Eval-mode behaviour is unchanged: the running statistics are still used.
     The original flags are restored on exit, also on error.
+    Under ``torch.compile`` the flag is a guarded module attribute, so switching it may cost one
+    recompilation per state.
 
     Parameters
     ----------

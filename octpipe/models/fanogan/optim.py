@@ -61,7 +61,7 @@ class RMSpropTF(Optimizer):
     >>> p.grad = torch.tensor([2.0])
     >>> _ = opt.step()
     >>> round(p.item(), 6)                     # ms = 0.9 + 0.1·4 = 1.3; 1 − 0.1·2/sqrt(1.3)
-    0.824593
+    0.824588
     """
 
     def __init__(
