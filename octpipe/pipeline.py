@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from octpipe import __version__
 from octpipe.errors import FormatError, OctpipeError
@@ -26,7 +27,13 @@ from octpipe.io import read_volumes
 from octpipe.io._common import file_sha256
 from octpipe.io.detect import detect_format
 
-__all__ = ["InputFile", "IngestResult", "discover_inputs", "ingest", "ingest_one", "MANIFEST_FIELDS", "git_hash"]
+if TYPE_CHECKING:
+    import numpy as np
+
+    from octpipe.preprocess.prepare import PreprocessConfig
+
+__all__ = ["InputFile", "IngestResult", "discover_inputs", "ingest", "ingest_one", "MANIFEST_FIELDS", "git_hash",
+           "annotation_sidecar"]
 
 MANIFEST_FIELDS = ("volume_id", "path", "sha256", "format", "series", "shape", "spacing_mm", "spacing_source",
                    "laterality", "status", "error", "seconds")
@@ -174,19 +181,53 @@ def discover_inputs(sources: Sequence[str | Path], *, exclude: Sequence[str | Pa
     return inputs, rows
 
 
+def annotation_sidecar(path: str | Path) -> Path | None:
+    """The annotation file that goes with an input, if any.
+
+    octpipe's convention (what ``octpipe phantom`` writes): ``NAME_truth.npz`` beside
+    ``NAME.vol`` / ``NAME.dcm`` / ``NAME.nii.gz`` / the folder ``NAME_png``, holding
+    ``lesion_mask`` in the source geometry.
+    """
+    p = Path(path)
+    stem = p.name.split(".")[0]
+    stem = stem.removesuffix("_png")
+    candidate = p.with_name(f"{stem}_truth.npz")
+    return candidate if candidate.is_file() else None
+
+
+def _load_mask(path: Path | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    import numpy as np
+
+    if path is None:
+        return None
+    try:
+        with np.load(path) as data:
+            mask = data["lesion_mask"]
+    except (OSError, KeyError, ValueError) as exc:
+        raise OctpipeError(f"annotation {path.name} unreadable: {exc}", path) from exc
+    if mask.shape != shape:
+        raise OctpipeError(f"annotation {path.name} has shape {mask.shape}, volume has {shape}", path)
+    return mask
+
+
 def ingest_one(item: InputFile, store: str, salt: str, complete: dict[tuple[str, int], str], *,
-               overwrite: bool = False, normalize_percentiles: tuple[float, float] | None = None,
-               display_method: str = "log") -> list[dict[str, object]]:
+               overwrite: bool = False, config: PreprocessConfig | None = None,
+               label: int | None = None) -> list[dict[str, object]]:
     """Ingest one input into the store; return its manifest rows (one per series).
 
+    Runs every preprocessing stage (:func:`octpipe.preprocess.prepare.prepare_volume`).
     Never raises for a bad input: an :class:`~octpipe.errors.OctpipeError` becomes a
     ``failed`` row with the one-line reason.
     """
-    from octpipe.preprocess.intensity import display_full_scale, normalize_volume, to_display
+    import numpy as np
+
+    from octpipe.preprocess.prepare import PreprocessConfig, prepare_volume
     from octpipe.store import store_volume_id, write_volume
 
+    config = config or PreprocessConfig()
     t0 = time.perf_counter()
     base = {"path": item.rel, "format": item.format}
+    sha = ""
     try:
         sha = file_sha256(item.path) if os.path.isfile(item.path) else ""
         if sha and not overwrite and (sha, 0) in complete:
@@ -195,8 +236,9 @@ def ingest_one(item: InputFile, store: str, salt: str, complete: dict[tuple[str,
                          seconds=round(time.perf_counter() - t0, 3)) for s, v in ids]
         volumes = read_volumes(item.path, format=item.format)
     except OctpipeError as exc:
-        return [_row(**base, sha256=locals().get("sha", ""), status="failed", error=exc.reason,
+        return [_row(**base, sha256=sha, status="failed", error=exc.reason,
                      seconds=round(time.perf_counter() - t0, 3))]
+    sidecar = annotation_sidecar(item.path)
     rows = []
     for series, vol in enumerate(volumes):
         t1 = time.perf_counter()
@@ -211,33 +253,42 @@ def ingest_one(item: InputFile, store: str, salt: str, complete: dict[tuple[str,
                              seconds=round(time.perf_counter() - t1, 3)))
             continue
         try:
-            display = to_display(vol.data, domain=vol.intensity,  # type: ignore[arg-type]
-                                 full_scale=display_full_scale(vol.meta, vol.data),
-                                 method=display_method)  # type: ignore[arg-type]
-            image, (low, high) = normalize_volume(display, invalid=vol.invalid, percentiles=normalize_percentiles)
-        except ValueError as exc:
-            rows.append(_row(**common, status="failed", error=str(exc), seconds=round(time.perf_counter() - t1, 3)))
+            mask = _load_mask(sidecar, vol.shape) if len(volumes) == 1 else None
+            prepared = prepare_volume(vol, config, mask=mask)
+        except (OctpipeError, ValueError) as exc:
+            reason = exc.reason if isinstance(exc, OctpipeError) else str(exc)
+            rows.append(_row(**common, status="failed", error=f"preprocessing: {reason}",
+                             seconds=round(time.perf_counter() - t1, 3)))
             continue
-        import numpy as np
-
-        arrays: dict[str, object] = {"image": image}
-        array_attrs: dict[str, dict[str, object]] = {"image": {"axes": ["z", "y", "x"], "range": [-1, 1]}}
-        if vol.layers:
-            names = list(vol.layers)
-            arrays["layers"] = np.stack([vol.layers[n] for n in names]).astype(np.float32)
-            array_attrs["layers"] = {"names": names, "axes": ["layer", "z", "x"], "units": "row (pixel centre)"}
+        volume_label = (int(prepared.mask.any()) if prepared.mask is not None
+                        else (label if label is not None else -1))
+        arrays: dict[str, object] = {"image": prepared.image, "layers": prepared.layers, "flat": prepared.flat,
+                                     "flatmap": prepared.flatmap}
+        array_attrs: dict[str, dict[str, object]] = {
+            "image": {"axes": ["z", "y", "x"], "range": [-1, 1]},
+            "layers": {"names": ["ILM", "BM"], "axes": ["layer", "z", "x"], "units": "row (pixel centre)",
+                       "source": prepared.qc.get("source", "")},
+            "flat": {"axes": ["z", "y", "x"], "range": [-1, 1]},
+            "flatmap": {"names": ["bm_ref", "scale"], "axes": ["param", "z", "x"]},
+        }
+        if prepared.mask is not None:
+            arrays["mask"] = prepared.mask
         if vol.invalid is not None and vol.invalid.any():
-            arrays["valid"] = (~vol.invalid).astype(np.uint8)
+            arrays["valid"] = np.isfinite(prepared.image).astype(np.uint8)
+        dz, dy, dx = vol.spacing_mm
         attrs = {
             "source": item.rel, "sha256": digest, "series": series, "format": item.format,
-            "reader": prov.reader if prov else "", "shape": list(vol.shape),
-            "spacing_mm": list(vol.spacing_mm), "spacing_source": vol.spacing_source,
-            "laterality": vol.laterality, "scan_pattern": vol.scan_pattern, "vendor": vol.vendor,
-            "bscan_order": vol.bscan_order, "source_intensity": vol.intensity,
-            "preprocessing": {"display_transform": display_method if vol.intensity == "linear" else "scale",
-                              "normalisation": "percentile" if normalize_percentiles else "minmax",
-                              "percentiles": list(normalize_percentiles) if normalize_percentiles else None,
-                              "display_range": [low, high]},
+            "reader": prov.reader if prov else "", "source_shape": list(vol.shape),
+            "shape": list(prepared.image.shape),
+            "source_spacing_mm": [dz, dy, dx], "spacing_mm": [dz, dy, dx * prepared.factor],
+            "spacing_source": vol.spacing_source, "laterality": vol.laterality, "scan_pattern": vol.scan_pattern,
+            "vendor": vol.vendor, "bscan_order": vol.bscan_order, "source_intensity": vol.intensity,
+            "label": volume_label, "annotated": prepared.mask is not None,
+            "column_factor": prepared.factor,
+            "flatten": {"height": prepared.height, "bm_row": prepared.bm_row},
+            "display_range": list(prepared.display_range),
+            "qc": prepared.qc,
+            "preprocess": config.to_dict(),
             "octpipe_version": __version__,
         }
         written = write_volume(store, vid, arrays, attrs, array_attrs=array_attrs, overwrite=overwrite)
@@ -265,7 +316,8 @@ def ingest(
     manifest: str | Path | None = None,
     overwrite: bool = False,
     memory_limit: str = "auto",
-    normalize_percentiles: tuple[float, float] | None = None,
+    config: PreprocessConfig | None = None,
+    label: int | None = None,
     progress: bool = False,
     echo: Callable[[str], object] | None = None,
 ) -> IngestResult:
@@ -290,8 +342,11 @@ def ingest(
         Redo volumes that are already complete.
     memory_limit : str
         Memory limit per LocalCluster worker (dask syntax, e.g. ``"2GB"``).
-    normalize_percentiles : (float, float), optional
-        Robust normalisation range instead of min/max.
+    config : PreprocessConfig, optional
+        Preprocessing settings (the paper's by default).
+    label : {0, 1}, optional
+        Volume label for inputs without annotations: 0 healthy (e.g. a folder of normal
+        scans for training), 1 diseased. Annotated inputs take theirs from the mask.
     progress : bool
         Show a progress bar.
     echo : callable, optional
@@ -309,7 +364,10 @@ def ingest(
     salt = str(root.attrs["pseudonym_salt"])
     inputs, rows = discover_inputs(sources, exclude=[store])
     complete = complete_volumes(store)
-    kwargs = {"overwrite": overwrite, "normalize_percentiles": normalize_percentiles}
+    from octpipe.preprocess.prepare import PreprocessConfig
+
+    config = config or PreprocessConfig()
+    kwargs = {"overwrite": overwrite, "config": config, "label": label}
 
     bar = None
     if progress:
@@ -356,7 +414,7 @@ def ingest(
         "command": "ingest", "octpipe_version": __version__, "git": git_hash(),
         "config": {"sources": [str(s) for s in sources], "store": str(store), "workers": workers,
                    "scheduler": scheduler, "overwrite": overwrite, "memory_limit": memory_limit,
-                   "normalize_percentiles": normalize_percentiles},
+                   "label": label, "preprocess": config.to_dict()},
         "counts": counts, "seconds": seconds,
     }, indent=2))
     return IngestResult(rows=rows, manifest=manifest_path, store=store, log=log, seconds=seconds, counts=counts)
@@ -370,7 +428,7 @@ def _run_on_dask(inputs, store, salt, complete, kwargs, workers, scheduler, memo
         client = Client(scheduler)
     else:
         n = workers or os.cpu_count() or 1
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
                                memory_limit=memory_limit, silence_logs=40)
         client = Client(cluster)
     try:

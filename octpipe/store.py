@@ -5,9 +5,13 @@
     STORE.zarr/
       zarr.json                  attrs: octpipe_store (layout version), octpipe version, salt
       volumes/<volume_id>/       attrs: source, sha256, format, spacing_mm, ..., status
-        image   (z, y, x) float32 in [-1, 1]
-        layers  (n, z, x) float32 rows (attrs: names), when the source has layers
-        valid   (z, y, x) uint8, when the source marks invalid pixels
+        image   (z, y, x') float32 in [-1, 1], columns downsampled
+        layers  (2, z, x') float32 ILM and BM rows used for flattening (attrs: names, source)
+        flat    (z, h, x') float32 flattened retina area
+        flatmap (2, z, x') float32 BM reference row and scale per A-scan (undo the flattening)
+        mask    (z, y, x') uint8 lesion labels, when the source has annotations
+        valid   (z, y, x') uint8, when the source marks invalid pixels
+      patches/<split>/           x, index, label, mask (see octpipe.patches)
       manifest.csv               the last ingest's rows, one per input
       logs/                      one log per run
       .staging/                  volumes being written (never read as results)
@@ -44,6 +48,7 @@ __all__ = [
     "complete_volumes",
     "write_volume",
     "read_volume_group",
+    "read_volume_attrs",
     "volume_ids",
 ]
 
@@ -158,7 +163,8 @@ def write_volume(
         group = zarr.open_group(str(staging), mode="w")
         for name, data in arrays.items():
             data = np.asarray(data)
-            chunks = (1, *data.shape[1:]) if data.ndim == 3 and name != "layers" else data.shape
+            per_bscan = data.ndim == 3 and name in ("image", "flat", "mask", "valid")
+            chunks = (1, *data.shape[1:]) if per_bscan else data.shape
             arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks)
             arr[...] = data
             extra = (array_attrs or {}).get(name)
@@ -182,6 +188,14 @@ def write_volume(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return True
+
+
+def read_volume_attrs(store: str | Path, volume_id: str) -> dict:
+    """A volume group's attributes, read straight from its ``zarr.json`` (cheap)."""
+    attrs = _read_attrs(Path(store) / "volumes" / volume_id)
+    if not attrs:
+        raise OctpipeError(f"no volume {volume_id!r} in the store", store)
+    return attrs
 
 
 def read_volume_group(store: str | Path, volume_id: str) -> tuple[dict[str, np.ndarray], dict]:

@@ -229,4 +229,7 @@ def test_ingest_of_the_real_sample_data(real_data, tmp_path):
     masks = [r for p, r in rows.items() if "Ground Truth Labels" in p or "/mask/" in p]
     assert masks and all(r["status"] == "skipped" and "label map" in r["error"] for r in masks)
     assert rows["real/SOURCES.md"]["status"] == "skipped"
-    assert result.counts["failed"] == 0
+    # the FDS format fixture (4 x 3 x 2 pixels) reads, but holds no retina to preprocess
+    fds = rows["real/DIAGNijmegen_rse-panimg/tests/resources/oct/fds_minimized.fds"]
+    assert fds["status"] == "failed" and "too small" in fds["error"]
+    assert result.counts["failed"] == 1

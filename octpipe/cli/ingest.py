@@ -36,9 +36,22 @@ def ingest(
                                                                     "Default auto (RAM / workers)."),
     robust: str = typer.Option(None, "--robust", help="Normalise with these percentiles (e.g. 0.5,99.5) instead "
                                                       "of the volume's min and max (the paper's rule, default)."),
+    label: str = typer.Option(None, "--label", help="healthy or diseased: the label of inputs without "
+                                                    "annotations (e.g. a folder of normal scans for training). "
+                                                    "Default: unknown."),
+    factor: int = typer.Option(None, "--factor", min=1, help="Column downsampling factor. Default: from "
+                                                             "--target-spacing."),
+    target_spacing: float = typer.Option(0.0226, "--target-spacing", help="Lateral spacing after column "
+                                                                          "downsampling, mm. Default 0.0226 "
+                                                                          "(the paper's 512 -> 256)."),
+    no_vendor_layers: bool = typer.Option(False, "--no-vendor-layers", help="Always segment ILM/BM, even when "
+                                                                            "the file has the device's layers."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo volumes that are already complete."),
 ) -> None:
-    """Read every OCT file under SOURCES, normalise each volume to [-1, 1] and write the store.
+    """Read every OCT file under SOURCES, preprocess each volume as in the paper and write the store.
+
+    Preprocessing: display domain, [-1, 1] per volume, columns downsampled, ILM/BM found
+    (or the device's layers used), retina flattened to Bruch's membrane.
 
     One Dask task per file; a bad file is recorded as failed and the batch goes on; a
     rerun skips volumes already complete. Exit code 0 when every input succeeded or was
@@ -47,9 +60,15 @@ def ingest(
     Example: octpipe ingest exports/ -o cohort.zarr --workers 2
     """
     from octpipe.pipeline import ingest as run_ingest
+    from octpipe.preprocess.prepare import PreprocessConfig
 
+    labels = {None: None, "healthy": 0, "diseased": 1}
+    if label not in labels:
+        raise typer.BadParameter(f"must be healthy or diseased, got {label!r}", param_hint="--label")
+    config = PreprocessConfig(normalize_percentiles=_percentiles(robust), factor=factor,
+                              target_spacing_mm=target_spacing, use_vendor_layers=not no_vendor_layers)
     result = run_ingest(sources, out, workers=workers, scheduler=scheduler, manifest=manifest,
-                        overwrite=overwrite, memory_limit=memory_limit, normalize_percentiles=_percentiles(robust),
+                        overwrite=overwrite, memory_limit=memory_limit, config=config, label=labels[label],
                         progress=state["progress"], echo=(lambda line: typer.echo(line, err=True))
                         if state["verbosity"] >= 0 else None)
     c = result.counts

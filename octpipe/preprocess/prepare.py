@@ -1,0 +1,161 @@
+"""One volume through every preprocessing stage of the paper.
+
+``read`` (an :class:`~octpipe.volume.OctVolume`) -> display domain -> per-volume [-1, 1]
+normalisation -> column downsampling -> ILM/BM (vendor layers when present and plausible,
+else octpipe's segmentation) -> flattening to BM. The result, a
+:class:`PreparedVolume`, is what the store keeps for every volume. Pure: no files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from octpipe.preprocess.flatten import FlattenConfig, flatten_geometry, flatten_image, flatten_map
+from octpipe.preprocess.intensity import DISPLAY_TRANSFORMS, display_full_scale, normalize_volume, to_display
+from octpipe.preprocess.resample import (
+    downsample_boundaries,
+    downsample_columns,
+    downsample_labels,
+    lateral_factor,
+)
+from octpipe.volume import OctVolume
+
+__all__ = ["PreprocessConfig", "PreparedVolume", "prepare_volume"]
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Preprocessing parameters (all stages).
+
+    Parameters
+    ----------
+    display_transform : {"log", "root4"}
+        Linear reflectivity to display mapping (see :mod:`octpipe.preprocess.intensity`).
+    normalize_percentiles : (float, float) or None
+        Robust normalisation range; None is the paper's min/max rule.
+    target_spacing_mm : float or None
+        Lateral spacing after downsampling (the paper: 512 -> 256 columns, 22.6 µm).
+    factor : int or None
+        Explicit integer column factor; overrides ``target_spacing_mm``.
+    use_vendor_layers : bool
+        Use the file's ILM/BM when present and plausible.
+    flatten : FlattenConfig
+        Flattened area geometry.
+    """
+
+    display_transform: str = "log"
+    normalize_percentiles: tuple[float, float] | None = None
+    target_spacing_mm: float | None = 0.0226
+    factor: int | None = None
+    use_vendor_layers: bool = True
+    flatten: FlattenConfig = field(default_factory=FlattenConfig)
+
+    def __post_init__(self) -> None:
+        if self.display_transform not in DISPLAY_TRANSFORMS:
+            raise ValueError(f"display_transform must be one of {DISPLAY_TRANSFORMS}, got {self.display_transform!r}")
+        if self.factor is None and self.target_spacing_mm is None:
+            raise ValueError("give target_spacing_mm or factor")
+        if self.normalize_percentiles is not None:
+            lo, hi = self.normalize_percentiles
+            if not 0 <= lo < hi <= 100:
+                raise ValueError(f"normalize_percentiles must satisfy 0 <= low < high <= 100, got {(lo, hi)}")
+
+    def to_dict(self) -> dict:
+        """JSON-ready form, stored with every volume."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PreparedVolume:
+    """A volume ready for patches: normalised, downsampled, segmented and flattened.
+
+    Attributes
+    ----------
+    image : (z, y, x') float32 in [-1, 1]
+    layers : (2, z, x') float32, ILM and BM rows on the downsampled grid
+    flat : (z, h, x') float32, the flattened retina area (-1 outside the source)
+    flatmap : (2, z, x') float32, BM reference row and scale per A-scan
+    mask : (z, y, x') uint8 or None, lesion labels on the downsampled grid
+    factor : int, the column factor
+    height, bm_row : int, flattened area geometry in rows
+    display_range : (float, float), display values mapped to -1 and 1
+    qc : dict, quality flags from segmentation and flattening
+    """
+
+    image: npt.NDArray[np.float32]
+    layers: npt.NDArray[np.float32]
+    flat: npt.NDArray[np.float32]
+    flatmap: npt.NDArray[np.float32]
+    mask: npt.NDArray[np.uint8] | None
+    factor: int
+    height: int
+    bm_row: int
+    display_range: tuple[float, float]
+    qc: dict[str, object]
+
+
+def _find_layers(display_ds: np.ndarray, vol: OctVolume, factor: int, spacing_ds: tuple[float, float, float],
+                 invalid_ds: np.ndarray | None, use_vendor: bool) -> tuple[np.ndarray, np.ndarray, dict]:
+    from octpipe.preprocess.layers import choose_layers, segment_ilm_bm
+
+    ours = segment_ilm_bm(display_ds, spacing_mm=spacing_ds, invalid=invalid_ds)
+    vendor = None
+    if "ILM" in vol.layers and "BM" in vol.layers:
+        vendor = {"ILM": downsample_boundaries(vol.layers["ILM"], factor),
+                  "BM": downsample_boundaries(vol.layers["BM"], factor)}
+    chosen = choose_layers(ours, vendor, use_vendor=use_vendor)
+    return chosen.ilm, chosen.bm, dict(chosen.qc)
+
+
+def prepare_volume(vol: OctVolume, config: PreprocessConfig | None = None, *,
+                   mask: npt.ArrayLike | None = None) -> PreparedVolume:
+    """Run every preprocessing stage on one volume.
+
+    Parameters
+    ----------
+    vol : OctVolume
+        Reader output.
+    config : PreprocessConfig, optional
+        Defaults to the paper's settings.
+    mask : array_like of uint8, shape of ``vol.data``, optional
+        Lesion labels in the source geometry (annotations), resampled with the volume.
+
+    Returns
+    -------
+    PreparedVolume
+    """
+    config = config or PreprocessConfig()
+    dz, dy, dx = vol.spacing_mm
+    display = to_display(vol.data, domain=vol.intensity,  # type: ignore[arg-type]
+                         full_scale=display_full_scale(vol.meta, vol.data),
+                         method=config.display_transform)  # type: ignore[arg-type]
+    image, display_range = normalize_volume(display, invalid=vol.invalid, percentiles=config.normalize_percentiles)
+    factor = lateral_factor(dx, factor=config.factor, target_spacing_mm=config.target_spacing_mm)
+    image_ds = downsample_columns(image, factor, invalid=vol.invalid)
+    invalid_ds = None
+    if vol.invalid is not None:
+        invalid_ds = ~np.isfinite(image_ds)
+        image_ds = np.where(invalid_ds, -1.0, image_ds).astype(np.float32)
+    spacing_ds = (dz, dy, dx * factor)
+    ilm, bm, qc = _find_layers((image_ds + 1.0) / 2.0, vol, factor, spacing_ds, invalid_ds,
+                               config.use_vendor_layers)
+    height, bm_row, margin = flatten_geometry(config.flatten, dy)
+    sigma_cols = config.flatten.bm_smooth_um / (dx * factor * 1e3)
+    flatmap = flatten_map(ilm, bm, height=height, bm_row=bm_row, top_margin=margin, sigma_columns=sigma_cols)
+    flat = flatten_image(image_ds, flatmap, height=height, bm_row=bm_row, fill=-1.0)
+    mask_ds = None
+    if mask is not None:
+        m = np.asarray(mask)
+        if m.shape != vol.data.shape:
+            raise ValueError(f"mask shape {m.shape} != volume shape {vol.data.shape}")
+        mask_ds = downsample_labels(m, factor)
+    qc = dict(qc)
+    qc["scaled_fraction"] = float((flatmap[1] < 1.0).mean())
+    return PreparedVolume(
+        image=image_ds.astype(np.float32), layers=np.stack([ilm, bm]).astype(np.float32), flat=flat,
+        flatmap=flatmap, mask=mask_ds, factor=factor, height=height, bm_row=bm_row,
+        display_range=display_range, qc=qc,
+    )
