@@ -123,7 +123,7 @@ def run_demo(out: Path, *, n: int = 4, seed: int = 0, progress: bool = False,
     geometry = {k: v for k, v in (("shape", shape), ("spacing_mm", spacing_mm)) if v is not None}
     cohort = make_cohort(n, seed=seed, lesions=parse_lesion_specs(DEMO_LESIONS), healthy_fraction=0.5, **geometry)
     manifest = write_cohort(cohort, phantom_dir, progress=progress)
-    echo(f"[1/4] phantoms: {n} volumes in vol/dicom/nifti/png -> {phantom_dir} (manifest {manifest.name})")
+    echo(f"[1/5] phantoms: {n} volumes in vol/dicom/nifti/png -> {phantom_dir} (manifest {manifest.name})")
     summary["stages"]["phantoms"] = {"folder": str(phantom_dir), "manifest": str(manifest), "n": n}
 
     # 2. read every file back through octpipe's readers and compare with the truth
@@ -158,7 +158,7 @@ def run_demo(out: Path, *, n: int = 4, seed: int = 0, progress: bool = False,
         writer.writeheader()
         writer.writerows(rows)
     n_ok = sum(r["ok"] for r in rows)
-    echo(f"[2/4] read back: {n_ok}/{len(rows)} files match the truth (shape, spacing, laterality, ILM/BM) "
+    echo(f"[2/5] read back: {n_ok}/{len(rows)} files match the truth (shape, spacing, laterality, ILM/BM) "
          f"-> {readback}")
     summary["stages"]["readback"] = {"table": str(readback), "ok": n_ok, "total": len(rows)}
 
@@ -168,14 +168,29 @@ def run_demo(out: Path, *, n: int = 4, seed: int = 0, progress: bool = False,
     store = out / "store.zarr"
     result = ingest([phantom_dir], store, workers=workers, progress=progress)
     c = result.counts
-    echo(f"[3/4] ingest: {c['ok']} volumes written, {c['skipped']} non-OCT files skipped, {c['failed']} failed "
+    echo(f"[3/5] ingest: {c['ok']} volumes written, {c['skipped']} non-OCT files skipped, {c['failed']} failed "
          f"in {result.seconds} s -> {store} (manifest {result.manifest.name})")
     summary["stages"]["ingest"] = {"store": str(store), "manifest": str(result.manifest), **c,
                                    "seconds": result.seconds}
     if c["failed"] or c["ok"] != len(_FORMATS) * n:
         summary["failures"].append(f"ingest: expected {len(_FORMATS) * n} volumes, got {c}")
 
-    # 4. figures: the most diseased B-scan of each phantom with its truth, and the en-face lesion map
+    # 4. patch datasets: random training patches from the healthy volumes, a test grid over all
+    from octpipe.patches import write_patch_split
+
+    patch_stats = {}
+    for split in ("train", "test"):
+        res = write_patch_split(store, split, workers=workers, progress=progress, k=16 if split == "train" else 64)
+        patch_stats[split] = {"n": res.n_patches, "volumes": res.n_volumes, "labels": res.label_counts,
+                              "seconds": res.seconds}
+    tr, te = patch_stats["train"], patch_stats["test"]
+    echo(f"[4/5] patches: train {tr['n']} from {tr['volumes']} healthy volumes; test {te['n']} "
+         f"(anomalous {te['labels'][1]}, normal {te['labels'][0]}) -> {store / 'patches'}")
+    summary["stages"]["patches"] = patch_stats
+    if not te["labels"][1] or not te["labels"][0]:
+        summary["failures"].append(f"patches: test split should hold normal and anomalous patches, got {te}")
+
+    # 5. figures: the most diseased B-scan of each phantom with its truth, and the en-face lesion map
     figures = []
     for entry in entries:
         truth = json.loads((phantom_dir / entry["truth_json"]).read_text())
@@ -183,6 +198,6 @@ def run_demo(out: Path, *, n: int = 4, seed: int = 0, progress: bool = False,
         png = out / "figures" / f"{entry['name']}.png"
         _figure(phantom_dir / entry["truth_npz"], linear_to_display(vol.data), truth, png)
         figures.append(str(png))
-    echo(f"[4/4] figures: {len(figures)} B-scan + en-face truth figures -> {out / 'figures'}")
+    echo(f"[5/5] figures: {len(figures)} B-scan + en-face truth figures -> {out / 'figures'}")
     summary["stages"]["figures"] = figures
     return summary

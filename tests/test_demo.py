@@ -11,7 +11,7 @@ def test_demo_runs_every_stage_on_phantoms(tmp_path):
     summary = run_demo(tmp_path, n=2, seed=1, echo=lines.append, shape=(3, 248, 256), spacing_mm=SMALL_SPACING,
                        workers=0)
     assert summary["failures"] == []
-    assert len(lines) == 4 and lines[0].startswith("[1/4] phantoms")
+    assert len(lines) == 5 and lines[0].startswith("[1/5] phantoms")
     with open(tmp_path / "readback.csv") as fh:
         rows = list(csv.DictReader(fh))
     # 2 phantoms x 4 formats, each read back by octpipe with the phantom's geometry
@@ -24,6 +24,8 @@ def test_demo_runs_every_stage_on_phantoms(tmp_path):
     # the ingest stage wrote one volume per phantom file, skipping the truth sidecars
     assert summary["stages"]["ingest"]["ok"] == 8 and summary["stages"]["ingest"]["failed"] == 0
     assert (tmp_path / "store.zarr" / "manifest.csv").exists()
+    patches = summary["stages"]["patches"]
+    assert patches["train"]["n"] > 0 and patches["test"]["labels"][1] > 0
     assert all((tmp_path / "figures" / f"phantom-000{k}.png").stat().st_size > 10_000 for k in range(2))
 
 

@@ -52,6 +52,7 @@ def _root(
 from octpipe.cli import demo as _demo  # noqa: E402,F401
 from octpipe.cli import info as _info  # noqa: E402,F401
 from octpipe.cli import ingest as _ingest  # noqa: E402,F401
+from octpipe.cli import layers as _layers  # noqa: E402,F401
 from octpipe.cli import patches as _patches  # noqa: E402,F401
 from octpipe.cli import phantom as _phantom  # noqa: E402,F401
 

@@ -22,8 +22,9 @@ def demo(
     """Run every pipeline stage that exists on a small phantom cohort and print where the outputs are.
 
     Stages now: phantom cohort in four vendor formats -> read back with octpipe's readers
-    and check geometry against the truth -> Dask ingest into a Zarr store -> figure of a
-    phantom B-scan with its truth.
+    and check geometry against the truth -> Dask ingest with the paper's preprocessing
+    (normalise, downsample, ILM/BM, flatten) into a Zarr store -> train/test patch
+    datasets -> figure of a phantom B-scan with its truth.
 
     Example: octpipe demo -o demo-output
     """

@@ -145,7 +145,7 @@ class LayerParams:
     """
 
     sigma_axial_um: float = 8.0
-    sigma_lateral_um: float = 30.0
+    sigma_lateral_um: float = 15.0
     bm_sigma_axial_um: float = 4.0
     refine_sigma_axial_um: float = 2.0
     refine_sigma_lateral_um: float = 15.0
@@ -155,6 +155,7 @@ class LayerParams:
     bm_slope_cost: float = 0.6
     ilm_above_um: float = 40.0
     ilm_above_weight: float = 1.5
+    ilm_above_mean: bool = True
     ilm_first_edge_um: float = 400.0
     ilm_first_edge_gap_um: float = 60.0
     ilm_first_edge_weight: float = 1.0
@@ -195,6 +196,10 @@ class LayerParams:
             if f.name in ("ilm_domain", "bm_domain"):
                 if value not in _DOMAINS:
                     raise ValueError(f"{f.name} must be one of {_DOMAINS}, got {value!r}")
+                continue
+            if f.name == "ilm_above_mean":
+                if not isinstance(value, bool):
+                    raise ValueError(f"ilm_above_mean must be a bool, got {value!r}")
                 continue
             if f.name == "display_method":
                 if value not in ("log", "root4"):
@@ -613,6 +618,12 @@ def segment_ilm_bm(
         x = linear_to_display(x, method=p.display_method)
     else:
         x = np.clip(x, 0.0, 1.0)
+    # rows or A-scans that are exactly 0 in a B-scan that has data are empty margins
+    # (Spectralis leaves a few blank rows at the top), not dark tissue
+    empty = x <= 0.0
+    has_data = ~(empty | bad).all(axis=(1, 2), keepdims=True)
+    blank = ((empty | bad).all(axis=2, keepdims=True) | (empty | bad).all(axis=1, keepdims=True)) & has_data
+    bad = bad | blank
     if bad.any():
         x = _fill_invalid(x, bad)
     valid = ~bad
@@ -635,7 +646,7 @@ def segment_ilm_bm(
     gp = np.clip(g, 0.0, None)
     edge = np.minimum(gp / _column_scale(gp), 1.0)
     n_above = max(1, int(round(ax(p.ilm_above_um))))
-    above = _window_max(level, -n_above, -1)
+    above = _window_mean(level, -n_above, 0) if p.ilm_above_mean else _window_max(level, -n_above, 0)
     above[:, :2] = 0.0
     cost = -edge + p.ilm_above_weight * above
     if p.ilm_first_edge_weight > 0:

@@ -1,0 +1,56 @@
+"""``octpipe layers``: ILM and BM rows of an OCT file, in its own pixel geometry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from octpipe.cli import app, state
+
+
+@app.command()
+def layers(
+    file: Path = typer.Argument(..., help="An OCT file (any supported format)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .npz with ilm, bm (n_bscans, n_ascans) and qc."),
+    use_vendor: bool = typer.Option(False, "--use-vendor/--no-use-vendor",
+                                    help="Use the device's ILM/BM when present and plausible. Default: "
+                                         "octpipe's segmentation."),
+    series: int = typer.Option(0, "--series", min=0, help="Series of a multi-series file. Default 0."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+) -> None:
+    """Find the ILM and Bruch's membrane and write their rows per A-scan.
+
+    Rows are in the source file's own pixel geometry (pixel centres, before any
+    downsampling); NaN where nothing was found. The QC flags go into the file too
+    (key ``qc``, a JSON string).
+
+    Example: octpipe layers scan.vol -o scan-layers.npz
+    """
+    import numpy as np
+
+    from octpipe.errors import OctpipeError
+    from octpipe.io import read_volume
+    from octpipe.preprocess.intensity import display_full_scale, to_display
+    from octpipe.preprocess.layers import choose_layers, segment_ilm_bm
+
+    if out.exists() and not overwrite:
+        raise OctpipeError("output exists; pass --overwrite to replace it", out)
+    if not file.exists():
+        raise OctpipeError("no such file or folder", file)
+    vol = read_volume(file, series=series)
+    display = to_display(vol.data, domain=vol.intensity, full_scale=display_full_scale(vol.meta, vol.data))
+    result = segment_ilm_bm(display, spacing_mm=vol.spacing_mm, invalid=vol.invalid)
+    vendor = {k: vol.layers[k] for k in ("ILM", "BM") if k in vol.layers} or None
+    result = choose_layers(result, vendor if vendor and len(vendor) == 2 else None, use_vendor=use_vendor)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.npz")
+    qc = json.dumps(result.qc, default=float)
+    np.savez_compressed(tmp, ilm=result.ilm, bm=result.bm, qc=np.array(qc),
+                        spacing_mm=np.asarray(vol.spacing_mm, dtype=np.float64))
+    tmp.replace(out)
+    if state["verbosity"] >= 0:
+        flags = ", ".join(result.qc.get("flags", [])) or "none"
+        typer.echo(f"{file.name}: ILM/BM for {result.ilm.shape[0]} B-scans x {result.ilm.shape[1]} A-scans "
+                   f"(source {result.qc.get('source', 'octpipe')}; QC flags: {flags}) -> {out}")
