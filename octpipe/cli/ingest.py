@@ -44,6 +44,8 @@ def ingest(
     target_spacing: float = typer.Option(0.0226, "--target-spacing", help="Lateral spacing after column "
                                                                           "downsampling, mm. Default 0.0226 "
                                                                           "(the paper's 512 -> 256)."),
+    display: str = typer.Option("log", "--display", help="Linear-to-display mapping for .vol/.E2E data: log "
+                                                         "(default, matches Heyex exports) or root4."),
     no_vendor_layers: bool = typer.Option(False, "--no-vendor-layers", help="Always segment ILM/BM, even when "
                                                                             "the file has the device's layers."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo volumes that are already complete."),
@@ -65,7 +67,9 @@ def ingest(
     labels = {None: None, "healthy": 0, "diseased": 1}
     if label not in labels:
         raise typer.BadParameter(f"must be healthy or diseased, got {label!r}", param_hint="--label")
-    config = PreprocessConfig(normalize_percentiles=_percentiles(robust), factor=factor,
+    if display not in ("log", "root4"):
+        raise typer.BadParameter(f"must be log or root4, got {display!r}", param_hint="--display")
+    config = PreprocessConfig(display_transform=display, normalize_percentiles=_percentiles(robust), factor=factor,
                               target_spacing_mm=target_spacing, use_vendor_layers=not no_vendor_layers)
     result = run_ingest(sources, out, workers=workers, scheduler=scheduler, manifest=manifest,
                         overwrite=overwrite, memory_limit=memory_limit, config=config, label=labels[label],
