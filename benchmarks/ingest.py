@@ -17,11 +17,14 @@ an end-to-end figure (start-up + ingest + shutdown), which is what ``ingest(work
 costs when it starts its own cluster.
 
 Each run's store is checked (manifest has ``--n`` ``ok`` rows and no failure; one volume
-read back is 49x496x512, finite, within [-1, 1]); the script fails loudly otherwise.
+read back is 49x496x512 -- or, with column downsampling, comes from a 49x496x512 source
+and matches its ``shape`` attr -- finite and within [-1, 1]); the script fails loudly
+otherwise. CPU is accounted too (user/system seconds and minor page faults of the task
+processes, and how busy the rest of the machine was), to tell Dask overhead from
+contention.
 
-A cProfile of ``ingest_one`` on one volume in-process, and a stage-by-stage timing of
-the same steps (hash, read, display transform, normalise, zarr write), show where a
-volume's time goes.
+A cProfile of ``ingest_one`` on one volume in-process (cumulative time of each stage:
+hashing, reading, preprocessing, zarr writing) shows where a volume's time goes.
 
 Writes ``benchmarks/results/ingest.json`` and prints it.
 
@@ -104,11 +107,6 @@ class RssSampler:
         return {pid: round(v / MB, 1) for pid, v in self.peak.items()}
 
 
-def cpu_s(pid: int) -> float:
-    t = psutil.Process(pid).cpu_times()
-    return t.user + t.system
-
-
 def rss_mb(pid: int) -> float:
     return round(psutil.Process(pid).memory_info().rss / MB, 1)
 
@@ -137,7 +135,12 @@ def ensure_data(data: Path, n: int, seed: int, shape: tuple[int, int, int]) -> t
 
 
 def check_store(store: Path, n: int, shape: tuple[int, int, int]) -> None:
-    """Fail loudly unless the manifest has ``n`` ok rows and a volume reads back complete."""
+    """Fail loudly unless the manifest has ``n`` ok rows and a volume reads back complete.
+
+    The image must be ``shape`` (49x496x512), or, in the preprocessing layout where the
+    columns are downsampled, come from a ``shape`` source (attr ``source_shape``) and
+    match the group's own ``shape`` attr with the same B-scans and rows.
+    """
     from octpipe.store import read_volume_group
 
     with open(store / "manifest.csv", newline="") as fh:
@@ -147,19 +150,29 @@ def check_store(store: Path, n: int, shape: tuple[int, int, int]) -> None:
     if len(ok) != n or bad:
         raise SystemExit(f"FAIL: {store}: manifest has {len(ok)} ok rows (want {n}); others: "
                          f"{[(r['path'], r['status'], r['error']) for r in bad]}")
-    arrays, attrs = read_volume_group(store, ok[len(ok) // 2]["volume_id"])
+    vid = ok[len(ok) // 2]["volume_id"]
+    arrays, attrs = read_volume_group(store, vid)
     image = arrays["image"]
     problems = []
-    if image.shape != shape:
+    if "source_shape" in attrs:
+        if tuple(attrs["source_shape"]) != shape:
+            problems.append(f"source_shape {attrs['source_shape']} != {shape}")
+        if image.shape != tuple(attrs["shape"]) or image.shape[:2] != shape[:2]:
+            problems.append(f"image shape {image.shape} != attr shape {attrs['shape']} (source {shape})")
+    elif image.shape != shape:
         problems.append(f"shape {image.shape} != {shape}")
-    if not np.isfinite(image).all():
-        problems.append("non-finite values")
-    elif image.min() < -1 or image.max() > 1:
-        problems.append(f"values in [{image.min()}, {image.max()}], not within [-1, 1]")
+    for name in ("image", "flat"):
+        if name not in arrays:
+            continue
+        a = arrays[name]
+        if not np.isfinite(a).all():
+            problems.append(f"{name}: non-finite values")
+        elif a.min() < -1 or a.max() > 1:
+            problems.append(f"{name}: values in [{a.min()}, {a.max()}], not within [-1, 1]")
     if attrs.get("status") != "complete":
         problems.append(f"status {attrs.get('status')!r}")
     if problems:
-        raise SystemExit(f"FAIL: {store}: volume {ok[0]['volume_id']}: {'; '.join(problems)}")
+        raise SystemExit(f"FAIL: {store}: volume {vid}: {'; '.join(problems)}")
 
 
 def task_seconds(store: Path) -> list[float]:
@@ -167,37 +180,60 @@ def task_seconds(store: Path) -> list[float]:
         return [float(r["seconds"]) for r in csv.DictReader(fh) if r["status"] == "ok"]
 
 
-def warm_worker() -> int:
-    """Import what a task imports, so the timed run does not pay for it."""
-    import octpipe.io.heyex_vol  # noqa: F401
-    import octpipe.pipeline  # noqa: F401
-    import octpipe.preprocess.intensity  # noqa: F401
-    import octpipe.store  # noqa: F401
+def warm_worker() -> dict:
+    """Import what a task imports, so the timed run does not pay for it; say who we are."""
+    import importlib
 
-    return os.getpid()
+    import octpipe
+
+    for mod in ("octpipe.io.heyex_vol", "octpipe.pipeline", "octpipe.preprocess.intensity",
+                "octpipe.preprocess.prepare", "octpipe.store"):
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            pass
+    return {"pid": os.getpid(), "octpipe": str(Path(octpipe.__file__).parent),
+            "MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_")}
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_counters(pids: list[int]) -> dict[str, float]:
+    """Summed user and system CPU seconds and minor page faults of ``pids``."""
+    user = system = 0.0
+    minflt = 0
+    for pid in pids:
+        t = psutil.Process(pid).cpu_times()
+        user += t.user
+        system += t.system
+        with open(f"/proc/{pid}/stat") as fh:
+            minflt += int(fh.read().rsplit(")", 1)[1].split()[7])
+    return {"user": user, "sys": system, "minflt": minflt}
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all cores, /proc/stat)."""
+    with open("/proc/stat") as fh:
+        f = [int(x) for x in fh.readline().split()[1:]]
+    idle = f[3] + f[4]  # idle + iowait
+    return (sum(f[:8]) - idle) / _CLK_TCK
 
 
 def run_once(workers: int, sources: list[Path], work: Path, tag: str, n: int, interval: float) -> dict:
-    """One timed ingest into a fresh store; returns timings and RSS peaks."""
+    """One timed ingest into a fresh store; returns timings, CPU accounting and RSS peaks."""
     from octpipe.pipeline import ingest
 
     store = work / f"store-{tag}.zarr"
     manifest = work / f"manifest-{tag}.csv"
     if store.exists():
         shutil.rmtree(store)
+    me = os.getpid()
     out: dict[str, object] = {"workers": workers}
+    client = cluster = None
     if workers == 0:
-        me = os.getpid()
+        pids = [me]
         out["rss_before_mb"] = rss_mb(me)
-        with RssSampler([me], interval) as sampler:
-            c0 = cpu_s(me)
-            t0 = time.perf_counter()
-            result = ingest(sources, store, workers=0, manifest=manifest)
-            out["ingest_s"] = time.perf_counter() - t0
-            out["cpu_s_main"] = cpu_s(me) - c0
-        out["cores_busy"] = out["cpu_s_main"] / out["ingest_s"]
-        out["peak_rss_mb"] = sampler.peak_mb()[me]
-        out["rss_samples"] = sampler.samples
     else:
         from dask.distributed import Client, LocalCluster
 
@@ -206,29 +242,46 @@ def run_once(workers: int, sources: list[Path], work: Path, tag: str, n: int, in
                                memory_limit="auto", silence_logs=40)
         client = Client(cluster)
         client.wait_for_workers(workers)
-        pids = sorted(client.run(warm_worker).values())
+        info = sorted(client.run(warm_worker).values(), key=lambda d: d["pid"])
+        pids = [d["pid"] for d in info]
         out["cluster_start_s"] = time.perf_counter() - t0
         out["rss_idle_mb"] = [rss_mb(p) for p in pids]
-        try:
-            me = os.getpid()
-            with RssSampler(pids, interval) as sampler:
-                c0 = [cpu_s(p) for p in pids]
-                cm = cpu_s(me)
-                t1 = time.perf_counter()
+        out["worker_octpipe"] = sorted({d["octpipe"] for d in info})
+        out["worker_MALLOC_TRIM_THRESHOLD_"] = sorted({str(d["MALLOC_TRIM_THRESHOLD_"]) for d in info})
+    try:
+        with RssSampler(pids, interval) as sampler:
+            c0, m0, b0 = proc_counters(pids), (proc_counters([me]) if workers else None), machine_busy_s()
+            t1 = time.perf_counter()
+            if workers == 0:
+                result = ingest(sources, store, workers=0, manifest=manifest)
+            else:
                 result = ingest(sources, store, scheduler=cluster.scheduler_address, manifest=manifest)
-                out["ingest_s"] = time.perf_counter() - t1
-                out["cpu_s_main"] = cpu_s(me) - cm  # scheduler + client + sampler live in this process
-                out["cpu_s_per_worker"] = [cpu_s(p) - c for p, c in zip(pids, c0, strict=True)]
-            out["cores_busy"] = (out["cpu_s_main"] + sum(out["cpu_s_per_worker"])) / out["ingest_s"]
-            peaks = sampler.peak_mb()
-            out["peak_rss_mb_per_worker"] = [peaks[p] for p in pids]
-            out["rss_samples"] = sampler.samples
-        finally:
+            out["ingest_s"] = wall = time.perf_counter() - t1
+            c1, m1, b1 = proc_counters(pids), (proc_counters([me]) if workers else None), machine_busy_s()
+    finally:
+        if cluster is not None:
             t2 = time.perf_counter()
             client.close()
             cluster.close()
             out["cluster_close_s"] = time.perf_counter() - t2
+    # CPU of the processes that run the tasks (workers, or this process for workers=0).
+    out["task_cpu_user_s"] = c1["user"] - c0["user"]
+    out["task_cpu_sys_s"] = c1["sys"] - c0["sys"]
+    out["task_minflt_per_volume"] = (c1["minflt"] - c0["minflt"]) // n
+    ours = out["task_cpu_user_s"] + out["task_cpu_sys_s"]
+    if workers:
+        out["main_cpu_s"] = (m1["user"] + m1["sys"]) - (m0["user"] + m0["sys"])  # scheduler + client + sampler
+        ours += out["main_cpu_s"]
+    out["cores_busy_ours"] = ours / wall
+    # Everything else that was busy meanwhile: other processes and kernel threads (writeback ...).
+    out["cores_busy_other"] = max(0.0, (b1 - b0) - ours) / wall
+    if workers == 0:
+        out["peak_rss_mb"] = sampler.peak_mb()[me]
+    else:
+        peaks = sampler.peak_mb()
+        out["peak_rss_mb_per_worker"] = [peaks[p] for p in pids]
         out["end_to_end_s"] = out["cluster_start_s"] + out["ingest_s"] + out["cluster_close_s"]
+    out["rss_samples"] = sampler.samples
     if not result.ok:
         raise SystemExit(f"FAIL: ingest workers={workers} reported failures: {result.counts}")
     check_store(store, n, DEFAULT_SHAPE)
@@ -245,13 +298,16 @@ def run_once(workers: int, sources: list[Path], work: Path, tag: str, n: int, in
     return out
 
 
+#: Functions whose cumulative time is reported as a stage of ingest_one (when present).
+STAGES = ("file_sha256", "read_volumes", "_load_mask", "prepare_volume", "to_display", "normalize_volume",
+          "downsample_columns", "_find_layers", "flatten_map", "flatten_image", "downsample_labels",
+          "write_volume")
+
+
 def profile_one(source: Path, work: Path) -> dict:
-    """Where one volume's time goes, in-process: stage timings and a cProfile of ingest_one."""
-    from octpipe.io import read_volumes
-    from octpipe.io._common import file_sha256
+    """Where one volume's time goes, in-process (workers=0): cProfile of ingest_one."""
     from octpipe.pipeline import discover_inputs, ingest_one
-    from octpipe.preprocess.intensity import display_full_scale, normalize_volume, to_display
-    from octpipe.store import open_store, store_salt, store_volume_id, write_volume
+    from octpipe.store import open_store, store_salt
 
     (item,), _ = discover_inputs([source])
     store = work / "store-profile.zarr"
@@ -262,39 +318,14 @@ def profile_one(source: Path, work: Path) -> dict:
         open_store(store)
         return store_salt(store)
 
-    # Stage timings (best of 3), the same steps ingest_one takes.
-    stages: dict[str, list[float]] = {k: [] for k in
-                                      ("sha256_pipeline", "read_volumes", "to_display", "normalize", "write_zarr")}
-    for _ in range(3):
+    walls = []
+    for _ in range(3):  # the first also warms up
         salt = fresh()
         t = time.perf_counter()
-        sha = file_sha256(item.path)
-        stages["sha256_pipeline"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        (vol,) = read_volumes(item.path, format=item.format)
-        stages["read_volumes"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        display = to_display(vol.data, domain=vol.intensity, full_scale=display_full_scale(vol.meta, vol.data),
-                             method="log")
-        stages["to_display"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        image, _ = normalize_volume(display, invalid=vol.invalid)
-        stages["normalize"].append(time.perf_counter() - t)
-        arrays = {"image": image}
-        if vol.layers:
-            arrays["layers"] = np.stack([vol.layers[k] for k in vol.layers]).astype(np.float32)
-        if vol.invalid is not None and vol.invalid.any():
-            arrays["valid"] = (~vol.invalid).astype(np.uint8)
-        t = time.perf_counter()
-        write_volume(store, store_volume_id(salt, sha, 0), arrays, {"sha256": sha})
-        stages["write_zarr"].append(time.perf_counter() - t)
-    best = {k: round(min(v), 3) for k, v in stages.items()}
-    total = sum(best.values())
+        rows = ingest_one(item, str(store), salt, {})
+        walls.append(time.perf_counter() - t)
+        assert rows[0]["status"] == "ok", rows
     stored = sum(f.stat().st_size for f in (store / "volumes").rglob("*") if f.is_file())
-
-    # cProfile of the real ingest_one (one warm run first).
-    salt = fresh()
-    ingest_one(item, str(store), salt, {})
     salt = fresh()
     prof = cProfile.Profile()
     t = time.perf_counter()
@@ -302,27 +333,62 @@ def profile_one(source: Path, work: Path) -> dict:
     rows = ingest_one(item, str(store), salt, {})
     prof.disable()
     wall = time.perf_counter() - t
+    shutil.rmtree(store)
     assert rows[0]["status"] == "ok", rows
-    stats = pstats.Stats(prof)
+    stats = pstats.Stats(prof).stats
+    total = max(ct for (_f, _l, fn), (_cc, _nc, _tt, ct, _c) in stats.items() if fn == "ingest_one")
+    stages: dict[str, float] = {}
+    for (file, _line, func), (_cc, _nc, _tt, ct, _callers) in stats.items():
+        if func in STAGES and "octpipe" in file:
+            stages[func] = round(max(stages.get(func, 0.0), ct), 3)
+    hashing = sum(tt for (_f, _l, fn), (_cc, _nc, tt, _ct, _c) in stats.items() if "_hashlib.HASH" in fn)
+    stages["sha256_all_passes(_hashlib update)"] = round(hashing, 3)
+    # Time waiting on zarr's event loop (encode/compress + file writes run there, in other threads).
+    waits = sum(tt for (_f, _l, fn), (_cc, _nc, tt, _ct, _c) in stats.items() if "acquire" in fn)
+    stages["waiting_on_zarr_threads(lock acquire)"] = round(waits, 3)
     top = []
-    for (file, line, func), (_cc, nc, tt, ct, _callers) in sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:15]:
+    for (file, line, func), (_cc, nc, tt, ct, _callers) in sorted(stats.items(), key=lambda kv: -kv[1][2])[:15]:
         top.append({"function": f"{Path(file).name}:{line}({func})", "calls": nc, "tottime_s": round(tt, 3),
                     "cumtime_s": round(ct, 3)})
     text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(25)
-    shutil.rmtree(store)
-    raw = item.path and Path(item.path).stat().st_size
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(30)
     return {
         "volume": Path(item.path).name,
-        "file_mb": round(raw / MB, 1),
+        "file_mb": round(Path(item.path).stat().st_size / MB, 1),
         "stored_mb": round(stored / MB, 1),
-        "stage_seconds_best_of_3": best,
-        "stage_share": {k: round(v / total, 3) for k, v in best.items()},
-        "stage_total_s": round(total, 3),
+        "ingest_one_wall_s": [round(w, 3) for w in walls],
         "ingest_one_wall_s_under_cprofile": round(wall, 3),
+        "stage_cumtime_s": dict(sorted(stages.items(), key=lambda kv: -kv[1])),
+        "stage_share_of_ingest_one": {k: round(v / total, 3) for k, v in stages.items()},
         "cprofile_top_by_tottime": top,
-        "cprofile_cumulative_text": text.getvalue().splitlines()[:60],
+        "cprofile_cumulative_text": text.getvalue().splitlines()[:70],
     }
+
+
+def provenance(label: str | None) -> dict[str, object]:
+    """Which octpipe was measured: its path and, when it is a git checkout, commit and dirty files."""
+    import subprocess
+
+    import octpipe
+
+    pkg = Path(octpipe.__file__).resolve().parent
+    out: dict[str, object] = {"octpipe_path": str(pkg)}
+
+    def git(*cmd: str) -> str | None:
+        try:
+            r = subprocess.run(["git", "-C", str(pkg), *cmd], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit:
+        out["git_commit"] = commit
+        dirty = git("status", "--porcelain", "--", ".")
+        out["octpipe_dirty_files"] = dirty.splitlines() if dirty else []
+    if label:
+        out["label"] = label
+    return out
 
 
 def versions() -> dict[str, str]:
@@ -349,6 +415,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ingest.json")
     parser.add_argument("--interval", type=float, default=0.1, help="RSS sampling interval, s")
     parser.add_argument("--no-profile", action="store_true", help="skip the one-volume profile")
+    parser.add_argument("--label", default=None,
+                        help="note stored with the result (e.g. the commit of an exported, non-git octpipe tree)")
     args = parser.parse_args()
 
     sources, gen_s = ensure_data(args.data, args.n, args.seed, DEFAULT_SHAPE)
@@ -383,38 +451,41 @@ def main() -> None:
     load_after = os.getloadavg()
 
     n = args.n
+    med = statistics.median
     summary: dict[str, dict] = {}
     for w in configs:
-        times = [r["ingest_s"] for r in runs[w]]
-        med = statistics.median(times)
-        rate = n / med * 60
+        rs = runs[w]
+        times = [r["ingest_s"] for r in rs]
+        rate = n / med(times) * 60
         s: dict[str, object] = {
             "ingest_s_runs": times,
-            "ingest_s_median": round(med, 3),
+            "ingest_s_median": round(med(times), 3),
             "volumes_per_min": round(rate, 2),
             "volumes_per_min_per_worker": round(rate / max(w, 1), 2),
-            "task_s_median": round(statistics.median(r["task_s_median"] for r in runs[w]), 3),
-            "cpu_s_main_median": round(statistics.median(r["cpu_s_main"] for r in runs[w]), 2),
-            "cores_busy_median": round(statistics.median(r["cores_busy"] for r in runs[w]), 2),
+            "task_s_median": round(med(r["task_s_median"] for r in rs), 3),
+            "task_cpu_s_per_volume": round(med((r["task_cpu_user_s"] + r["task_cpu_sys_s"]) / n for r in rs), 3),
+            "task_cpu_sys_share": round(med(r["task_cpu_sys_s"] / (r["task_cpu_user_s"] + r["task_cpu_sys_s"])
+                                            for r in rs), 3),
+            "task_minflt_per_volume": int(med(r["task_minflt_per_volume"] for r in rs)),
+            "cores_busy_ours_median": round(med(r["cores_busy_ours"] for r in rs), 2),
+            "cores_busy_other_median": round(med(r["cores_busy_other"] for r in rs), 2),
         }
-        if w:
-            s["cpu_s_workers_median"] = round(statistics.median(sum(r["cpu_s_per_worker"]) for r in runs[w]), 2)
-            s["worker_cpu_s_per_volume"] = round(s["cpu_s_workers_median"] / n, 3)
-        else:
-            s["cpu_s_per_volume"] = round(s["cpu_s_main_median"] / n, 3)
         if w == 0:
-            s["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs[w])
-            s["rss_before_mb"] = runs[w][0]["rss_before_mb"]
-            s["peak_rss_increase_mb"] = round(s["peak_rss_mb"] - min(r["rss_before_mb"] for r in runs[w]), 1)
+            s["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rs)
+            s["rss_before_mb"] = rs[0]["rss_before_mb"]
+            s["peak_rss_increase_mb"] = round(s["peak_rss_mb"] - min(r["rss_before_mb"] for r in rs), 1)
             s["ru_maxrss_mb_lifetime"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         else:
-            s["cluster_start_s_median"] = round(statistics.median(r["cluster_start_s"] for r in runs[w]), 3)
-            e2e = statistics.median(r["end_to_end_s"] for r in runs[w])
+            s["main_cpu_s_median"] = round(med(r["main_cpu_s"] for r in rs), 2)
+            s["cluster_start_s_median"] = round(med(r["cluster_start_s"] for r in rs), 3)
+            e2e = med(r["end_to_end_s"] for r in rs)
             s["end_to_end_s_median"] = round(e2e, 3)
             s["volumes_per_min_end_to_end"] = round(n / e2e * 60, 2)
-            s["peak_rss_mb_per_worker"] = [max(vals) for vals in zip(*(r["peak_rss_mb_per_worker"] for r in runs[w]))]
-            s["rss_idle_mb_per_worker"] = runs[w][0]["rss_idle_mb"]
+            s["peak_rss_mb_per_worker"] = [max(v) for v in zip(*(r["peak_rss_mb_per_worker"] for r in rs), strict=True)]
+            s["rss_idle_mb_per_worker"] = rs[0]["rss_idle_mb"]
             s["max_peak_rss_mb_per_worker"] = max(s["peak_rss_mb_per_worker"])
+            s["worker_octpipe"] = rs[0]["worker_octpipe"]
+            s["worker_MALLOC_TRIM_THRESHOLD_"] = rs[0]["worker_MALLOC_TRIM_THRESHOLD_"]
         summary[f"workers={w}"] = s
 
     r0, r1, r2 = (summary[f"workers={w}"] for w in (0, 1, 2))
@@ -426,9 +497,11 @@ def main() -> None:
     result = {
         "benchmark": "ingest",
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "data": {"volumes": n, "format": "heyex-vol (phantom, linear float32)", "shape": list(DEFAULT_SHAPE),
-                 "seed": args.seed, "file_mb_each": round(sources[0].stat().st_size / MB, 1),
-                 "cache": str(args.data), "generated_now_s": gen_s,
+        "octpipe": provenance(args.label),
+        "data": {"volumes": n, "format": "heyex-vol (phantom, linear float32) + NAME_truth.npz sidecars",
+                 "shape": list(DEFAULT_SHAPE), "seed": args.seed,
+                 "file_mb_each": round(sources[0].stat().st_size / MB, 1), "cache": str(args.data),
+                 "generated_now_s": gen_s,
                  "note": "inputs are in the page cache (read once before timing); stores on the same local disk"},
         "method": {
             "repeats": args.repeats, "run_order": order, "statistic": "median wall time of ingest()",
@@ -437,6 +510,9 @@ def main() -> None:
                     "imports on workers) and end_to_end adds start-up and shutdown",
             "rss": f"worker RSS sampled every {args.interval} s with psutil from a background thread; "
                    "workers=0: this process's RSS sampled the same way",
+            "cpu": "task_* = the processes running tasks (workers, or this process for workers=0): user+sys CPU "
+                   "and minor page faults from /proc; cores_busy_other = machine busy time (/proc/stat) not "
+                   "spent in our processes (other load, kernel writeback) per wall second",
         },
         "results": summary,
         "figures": {
@@ -447,6 +523,7 @@ def main() -> None:
             "scaling_efficiency_2_workers_end_to_end": round(scaling_e2e, 3),
             "dask_overhead_ratio_t1_over_t0": round(r1["ingest_s_median"] / r0["ingest_s_median"], 3),
             "dask_overhead_ratio_end_to_end_t1_over_t0": round(r1["end_to_end_s_median"] / r0["ingest_s_median"], 3),
+            "task_cpu_s_per_volume": {w: summary[f"workers={w}"]["task_cpu_s_per_volume"] for w in configs},
             "peak_rss_mb_per_worker_max": rss_max,
             "peak_rss_mb_in_process": r0["peak_rss_mb"],
         },

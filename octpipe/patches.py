@@ -343,14 +343,15 @@ def _run_tasks(vids, store, split, args, workers, scheduler, collect, advance) -
             if advance:
                 advance()
         return
-    from dask.distributed import Client, LocalCluster
+    from dask.distributed import Client
 
     cluster = None
     if scheduler:
         client = Client(scheduler)
     else:
-        cluster = LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
-                               dashboard_address=":0", silence_logs=40)
+        from octpipe.pipeline import local_cluster
+
+        cluster = local_cluster(workers or os.cpu_count() or 1)
         client = Client(cluster)
     try:
         window = 2 * max(1, len(client.scheduler_info().get("workers", {})) or 1)

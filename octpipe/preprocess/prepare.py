@@ -132,11 +132,12 @@ def prepare_volume(vol: OctVolume, config: PreprocessConfig | None = None, *,
     display = to_display(vol.data, domain=vol.intensity,  # type: ignore[arg-type]
                          full_scale=display_full_scale(vol.meta, vol.data),
                          method=config.display_transform)  # type: ignore[arg-type]
-    image, display_range = normalize_volume(display, invalid=vol.invalid, percentiles=config.normalize_percentiles)
+    invalid = vol.invalid if vol.invalid is not None and vol.invalid.any() else None
+    image, display_range = normalize_volume(display, invalid=invalid, percentiles=config.normalize_percentiles)
     factor = lateral_factor(dx, factor=config.factor, target_spacing_mm=config.target_spacing_mm)
-    image_ds = downsample_columns(image, factor, invalid=vol.invalid)
+    image_ds = downsample_columns(image, factor, invalid=invalid)
     invalid_ds = None
-    if vol.invalid is not None:
+    if invalid is not None:
         invalid_ds = ~np.isfinite(image_ds)
         image_ds = np.where(invalid_ds, -1.0, image_ds).astype(np.float32)
     spacing_ds = (dz, dy, dx * factor)
