@@ -233,3 +233,16 @@ def test_ingest_of_the_real_sample_data(real_data, tmp_path):
     fds = rows["real/DIAGNijmegen_rse-panimg/tests/resources/oct/fds_minimized.fds"]
     assert fds["status"] == "failed" and "too small" in fds["error"]
     assert result.counts["failed"] == 1
+
+
+def test_manifest_follows_its_schema(inputs, tmp_path):
+    from octpipe.errors import OctpipeError
+    from octpipe.manifest import load_manifest
+
+    result = ingest([inputs], tmp_path / "s.zarr", workers=0)
+    rows = load_manifest(result.manifest)
+    assert len(rows) == len(result.rows) and {r["status"] for r in rows} == {"ok", "skipped", "failed"}
+    broken = tmp_path / "broken.csv"
+    broken.write_text(result.manifest.read_text().replace(",ok,", ",done,", 1))
+    with pytest.raises(OctpipeError, match="status='done'"):
+        load_manifest(broken)

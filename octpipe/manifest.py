@@ -1,0 +1,60 @@
+"""Ingest manifests: load and validate against ``data_manifests/ingest-manifest.schema.json``.
+
+The schema is the contract; :func:`load_manifest` checks every row against it (columns,
+enumerations, patterns) and raises a one-line :class:`~octpipe.errors.OctpipeError`
+naming the row and column that break it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from functools import cache
+from pathlib import Path
+
+from octpipe.errors import OctpipeError
+from octpipe.pipeline import MANIFEST_FIELDS
+
+__all__ = ["load_manifest", "manifest_schema"]
+
+_SCHEMA_PATH = Path(__file__).resolve().parents[1] / "data_manifests" / "ingest-manifest.schema.json"
+
+
+@cache
+def manifest_schema() -> dict:
+    """The manifest row schema (JSON Schema, a subset: enum, pattern, minLength)."""
+    if not _SCHEMA_PATH.exists():  # an installed copy without the repository: columns only
+        return {"required": list(MANIFEST_FIELDS), "properties": {k: {"type": "string"} for k in MANIFEST_FIELDS}}
+    return json.loads(_SCHEMA_PATH.read_text())
+
+
+def load_manifest(path: str | Path) -> list[dict[str, str]]:
+    """Read and validate an ingest manifest CSV.
+
+    Raises
+    ------
+    OctpipeError
+        On a missing/extra column or a value that breaks the schema.
+    """
+    path = Path(path)
+    schema = manifest_schema()
+    try:
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            columns = reader.fieldnames or []
+            rows = list(reader)
+    except OSError as exc:
+        raise OctpipeError(f"cannot read manifest: {exc.strerror or exc}", path) from exc
+    if list(columns) != list(schema["required"]):
+        raise OctpipeError(f"manifest columns {columns} differ from {schema['required']}", path)
+    for number, row in enumerate(rows, start=2):
+        for key, rule in schema["properties"].items():
+            value = row.get(key) or ""
+            if "enum" in rule and value not in rule["enum"]:
+                raise OctpipeError(f"line {number}: {key}={value!r} not one of {rule['enum']}", path)
+            if "pattern" in rule and not re.fullmatch(rule["pattern"], value):
+                raise OctpipeError(f"line {number}: {key}={value!r} does not match {rule['pattern']}", path)
+            if len(value) < rule.get("minLength", 0):
+                raise OctpipeError(f"line {number}: {key} is empty", path)
+    return rows
