@@ -1,17 +1,22 @@
-"""Helpers shared by the readers and writers (hashing, provenance, safe writes)."""
+"""Helpers shared by the readers and writers (hashing, provenance, safe writes, argument checks)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import numpy as np
 
 from octpipe.errors import OctpipeError
 from octpipe.privacy import pseudonymous_id
 from octpipe.volume import Provenance
 
-__all__ = ["file_sha256", "make_provenance", "volume_id_for", "check_writable"]
+__all__ = ["file_sha256", "make_provenance", "volume_id_for", "check_writable", "atomic_output",
+           "check_uint8_volume"]
 
 
 def file_sha256(paths: str | Path | Iterable[str | Path]) -> str:
@@ -52,3 +57,37 @@ def check_writable(path: str | Path, *, overwrite: bool) -> Path:
     if not parent.exists():
         os.makedirs(parent, exist_ok=True)
     return path
+
+
+@contextmanager
+def atomic_output(path: str | Path, *, suffix: str = "") -> Iterator[Path]:
+    """Write ``path`` through a temporary file in the same folder, moved into place on success.
+
+    Yields the (empty, existing) temporary file, named ``.<name>.<random>.tmp<suffix>``
+    so folder readers skip it; pass the real suffix (e.g. ``".nii.gz"``) for writers
+    that choose the format from the file name. When the block ends normally the
+    temporary file replaces ``path`` (:func:`os.replace`); on any exception,
+    ``KeyboardInterrupt`` included, it is removed and ``path`` is left as it was.
+    The folder must exist (see :func:`check_writable`).
+    """
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_uint8_volume(data_uint8: object) -> None:
+    """Refuse anything but a non-empty 3-D uint8 ndarray ``(n_bscans, n_axial, n_ascans)`` (ValueError)."""
+    if not isinstance(data_uint8, np.ndarray) or data_uint8.dtype != np.uint8:
+        raise ValueError(f"data_uint8 must be a uint8 ndarray, got {getattr(data_uint8, 'dtype', type(data_uint8))}")
+    if data_uint8.ndim != 3 or min(data_uint8.shape) < 1:
+        raise ValueError(f"data_uint8 must be 3-D (n_bscans, n_axial, n_ascans) and non-empty, got {data_uint8.shape}")

@@ -56,10 +56,8 @@ Writing (:func:`write_dicom_opt`)
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import re
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +71,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from octpipe.errors import CorruptFileError, FormatError, UnsupportedFormatError
-from octpipe.io._common import check_writable, make_provenance
+from octpipe.io._common import atomic_output, check_writable, make_provenance
 from octpipe.io.images import DEFAULT_SPACING_MM, _luminance
 from octpipe.volume import OctVolume
 
@@ -341,15 +339,8 @@ def write_dicom_opt(
         pixels += b"\x00"
     ds.add_new(0x7FE00010, "OB" if bits == 8 else "OW", pixels)
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            ds.save_as(fh, enforce_file_format=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        ds.save_as(fh, enforce_file_format=True)
     return path
 
 

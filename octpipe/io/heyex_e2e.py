@@ -64,11 +64,10 @@ numbers of the chunk headers are used only to group chunks; none of them reaches
 from __future__ import annotations
 
 import mmap
-import struct
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,7 +75,10 @@ import numpy as np
 import numpy.typing as npt
 
 from octpipe.errors import CorruptFileError, FormatError, OctpipeError
+from octpipe.io._binary import Field as _Field
+from octpipe.io._binary import pack, struct_for, unpack
 from octpipe.io._common import check_writable, file_sha256, make_provenance
+from octpipe.io._heyex import FLT_MAX, HEYEX_LAYER_NAMES, INVALID_FROM
 from octpipe.volume import OctVolume
 
 __all__ = [
@@ -89,16 +91,6 @@ __all__ = [
     "write_heyex_e2e_minimal",
     "HEYEX_LAYER_NAMES",
 ]
-
-
-@dataclass(frozen=True)
-class _Field:
-    """One binary field: its name, :mod:`struct` code and meaning."""
-
-    name: str
-    fmt: str
-    meaning: str
-    identifying: bool = False
 
 
 _FILE_HEADER_FIELDS: tuple[_Field, ...] = (
@@ -118,19 +110,25 @@ _DIRECTORY_HEADER_FIELDS: tuple[_Field, ...] = (
     _Field("unknown1", "I", "unknown"),
 )
 
-_DIRECTORY_ENTRY_FIELDS: tuple[_Field, ...] = (
-    _Field("pos", "I", "position of this entry"),
-    _Field("start", "I", "position of the data chunk it describes; 0 (or <= pos) = empty entry"),
-    _Field("size", "I", "payload size of that data chunk"),
-    _Field("unknown0", "I", "unknown, 0"),
+# The key, slice and type of a data chunk: the tail of every directory entry and of every
+# chunk header (an entry repeats the header of the chunk it lists).
+_CHUNK_KEY_FIELDS: tuple[_Field, ...] = (
     _Field("patient_id", "i", "Heyex patient record number (grouping only)", identifying=True),
     _Field("study_id", "i", "study number"),
     _Field("series_id", "i", "series number"),
     _Field("slice_id", "i", "slice: -1 = series-level data, else 2 x B-scan number (files seen)"),
     _Field("ind", "H", "1 for B-scan images, 0 for localizer images"),
-    _Field("unknown1", "H", "unknown"),
+    _Field("unknown_after_ind", "H", "unknown"),
     _Field("type", "I", "payload type, see the module docstring"),
-    _Field("unknown2", "I", "unknown"),
+    _Field("unknown_after_type", "I", "unknown"),
+)
+
+_DIRECTORY_ENTRY_FIELDS: tuple[_Field, ...] = (
+    _Field("pos", "I", "position of this entry"),
+    _Field("start", "I", "position of the data chunk it describes; 0 (or <= pos) = empty entry"),
+    _Field("size", "I", "payload size of that data chunk"),
+    _Field("unknown0", "I", "unknown, 0"),
+    *_CHUNK_KEY_FIELDS,
 )
 
 _CHUNK_HEADER_FIELDS: tuple[_Field, ...] = (
@@ -140,14 +138,7 @@ _CHUNK_HEADER_FIELDS: tuple[_Field, ...] = (
     _Field("pos", "I", "position of this chunk (stale in rewritten files)"),
     _Field("size", "I", "payload size in bytes (stale in rewritten files)"),
     _Field("unknown1", "I", "unknown, 0"),
-    _Field("patient_id", "i", "Heyex patient record number (grouping only)", identifying=True),
-    _Field("study_id", "i", "study number"),
-    _Field("series_id", "i", "series number"),
-    _Field("slice_id", "i", "slice: -1 = series-level data, else 2 x B-scan number (files seen)"),
-    _Field("ind", "H", "1 for B-scan images, 0 for localizer images"),
-    _Field("unknown2", "H", "unknown"),
-    _Field("type", "I", "payload type, see the module docstring"),
-    _Field("unknown3", "I", "unknown"),
+    *_CHUNK_KEY_FIELDS,
 )
 
 _IMAGE_HEADER_FIELDS: tuple[_Field, ...] = (
@@ -208,41 +199,23 @@ _PATIENT_FIELDS: tuple[_Field, ...] = (
 )
 
 
-def _struct_for(fields: tuple[_Field, ...]) -> struct.Struct:
-    return struct.Struct("<" + "".join(f.fmt for f in fields))
-
-
-_FILE_HEADER = _struct_for(_FILE_HEADER_FIELDS)
-_DIRECTORY_HEADER = _struct_for(_DIRECTORY_HEADER_FIELDS)
-_DIRECTORY_ENTRY = _struct_for(_DIRECTORY_ENTRY_FIELDS)
-_CHUNK_HEADER = _struct_for(_CHUNK_HEADER_FIELDS)
-_IMAGE_HEADER = _struct_for(_IMAGE_HEADER_FIELDS)
-_BSCAN_META = _struct_for(_BSCAN_META_FIELDS)
-_LAYER_HEADER = _struct_for(_LAYER_HEADER_FIELDS)
-_LATERALITY = _struct_for(_LATERALITY_FIELDS)
-_PATIENT = _struct_for(_PATIENT_FIELDS)
-_BSCAN_META_KEPT = tuple(f.name for f in _BSCAN_META_FIELDS if not f.identifying)
+_FILE_HEADER = struct_for(_FILE_HEADER_FIELDS)
+_DIRECTORY_HEADER = struct_for(_DIRECTORY_HEADER_FIELDS)
+_DIRECTORY_ENTRY = struct_for(_DIRECTORY_ENTRY_FIELDS)
+_CHUNK_HEADER = struct_for(_CHUNK_HEADER_FIELDS)
+_IMAGE_HEADER = struct_for(_IMAGE_HEADER_FIELDS)
+_BSCAN_META = struct_for(_BSCAN_META_FIELDS)
+_LAYER_HEADER = struct_for(_LAYER_HEADER_FIELDS)
+_LATERALITY = struct_for(_LATERALITY_FIELDS)
+_PATIENT = struct_for(_PATIENT_FIELDS)
 if (_FILE_HEADER.size, _DIRECTORY_HEADER.size, _DIRECTORY_ENTRY.size, _CHUNK_HEADER.size, _IMAGE_HEADER.size,
         _BSCAN_META.size, _LAYER_HEADER.size) != (36, 52, 44, 60, 20, 104, 16):  # pragma: no cover
     raise RuntimeError("heyex_e2e field tables do not add up to the documented sizes")
 
 
-def _unpack(fields: tuple[_Field, ...], codec: struct.Struct, buf: bytes | mmap.mmap, offset: int) -> dict[str, Any]:
-    """Unpack one record at ``offset`` into ``{name: value}`` (bytes stay bytes)."""
-    return dict(zip((f.name for f in fields), codec.unpack_from(buf, offset), strict=True))
-
-
-def _pack(fields: tuple[_Field, ...], codec: struct.Struct, values: Mapping[str, object]) -> bytes:
-    """Pack a record; missing fields are written as zeros."""
-    flat = [values.get(f.name, b"" if f.fmt.endswith("s") else 0) for f in fields]
-    return codec.pack(*flat)
-
-
-#: Heyex boundary index -> name (same indices as in .vol files).
-HEYEX_LAYER_NAMES: tuple[str, ...] = (
-    "ILM", "BM", "RNFL", "GCL", "IPL", "INL", "OPL", "ONL", "ELM", "IOS",
-    "OPT", "CHO", "VIT", "ANT", "PR1", "PR2", "RPE", "IPL+", "IPL-",
-)
+# Container records: every field, the patient number included (it groups chunks into
+# series and never leaves the reader), with strings as the stored bytes.
+_unpack = partial(unpack, keep_identifying=True, decode_text=False)
 
 _MAGIC_FILE = b"CMDb"
 _MAGIC_MULTI = b"E2EMultipleVolumeFile"
@@ -262,7 +235,6 @@ _IMAGE_BSCAN = 0x02200201
 _IMAGE_LOCALIZER = 0x02010201
 
 _INVALID_ABOVE = 1.99
-_LAYER_INVALID_FROM = 3.0e38
 _MAX_DIRECTORY_CHUNKS = 1 << 20
 
 _MM_PER_DEGREE = 0.2896  # "medium eye" retinal mm per degree of scan angle, as used by eyepy
@@ -570,8 +542,8 @@ def _index(buf: mmap.mmap, path: Path) -> tuple[list[_SeriesIndex], str]:
             if value in _LATERALITIES:
                 idx.lateralities.add(_LATERALITIES[value])
         elif ch.type == _TYPE_BSCAN_META and n_payload >= _BSCAN_META.size and ch.slice_id >= 0:
-            meta = _unpack(_BSCAN_META_FIELDS, _BSCAN_META, buf, ch.payload_start)
-            idx.meta.setdefault(ch.slice_id, {k: meta[k] for k in _BSCAN_META_KEPT})
+            meta = unpack(_BSCAN_META_FIELDS, _BSCAN_META, buf, ch.payload_start, decode_text=False)
+            idx.meta.setdefault(ch.slice_id, meta)  # without the acquisition time (identifying)
         elif ch.type == _TYPE_LAYER and n_payload >= _LAYER_HEADER.size and ch.slice_id >= 0:
             head = _unpack(_LAYER_HEADER_FIELDS, _LAYER_HEADER, buf, ch.payload_start)
             width = int(head["width"])
@@ -850,7 +822,7 @@ def _decode_series(buf: mmap.mmap, idx: _SeriesIndex, number: int, source: str, 
                 skipped += 1
                 continue
             values = np.frombuffer(buf[start:start + 4 * count], dtype="<f4")
-            ok = np.isfinite(values) & (values >= 0) & (values < _LAYER_INVALID_FROM)
+            ok = np.isfinite(values) & (values >= 0) & (values < INVALID_FROM)
             rows[j] = np.where(ok, values, np.nan)
         layers[_layer_name(layer_id)] = rows
 
@@ -894,12 +866,12 @@ def _chunk_specs(volumes: list[npt.NDArray[np.float64]], lateralities: Sequence[
     for vol, lat, lay, key in zip(volumes, lateralities, layers, keys, strict=True):
         n, height, width = vol.shape
         if lat is not None:
-            payload = _pack(_LATERALITY_FIELDS, _LATERALITY, {"laterality": eye[lat]}) + bytes(27 - _LATERALITY.size)
+            payload = pack(_LATERALITY_FIELDS, _LATERALITY, {"laterality": eye[lat]}) + bytes(27 - _LATERALITY.size)
             specs.append((key, -1, 0, _TYPE_LATERALITY, payload))
         if patient_name is not None:
             first, _, last = patient_name.partition(" ")
-            payload = _pack(_PATIENT_FIELDS, _PATIENT, {"first_name": first.encode("latin-1"),
-                                                        "surname": last.encode("latin-1"), "sex": b"U"})
+            payload = pack(_PATIENT_FIELDS, _PATIENT, {"first_name": first.encode("latin-1"),
+                                                       "surname": last.encode("latin-1"), "sex": b"U"})
             specs.append((key, -1, 0, _TYPE_PATIENT, payload))
         order = range(n - 1, -1, -1) if reverse_bscans else range(n)
         for j in order:
@@ -909,9 +881,9 @@ def _chunk_specs(volumes: list[npt.NDArray[np.float64]], lateralities: Sequence[
                     "start_y": centre_y, "end_y": centre_y, "scale_y": scale_y_mm, "img_size_width": width,
                     "n_bscans": n, "current_bscan": j, "scan_pattern": 3 if n > 1 else 1, "center_x": 0.0,
                     "center_y": centre_y}
-            specs.append((key, slice_id, 0, _TYPE_BSCAN_META, _pack(_BSCAN_META_FIELDS, _BSCAN_META, meta)))
+            specs.append((key, slice_id, 0, _TYPE_BSCAN_META, pack(_BSCAN_META_FIELDS, _BSCAN_META, meta)))
             pixels = encode_ufloat16(vol[j]).astype("<u2").tobytes()
-            head = _pack(_IMAGE_HEADER_FIELDS, _IMAGE_HEADER, {
+            head = pack(_IMAGE_HEADER_FIELDS, _IMAGE_HEADER, {
                 "size": _IMAGE_HEADER.size + len(pixels), "image_type": _IMAGE_BSCAN, "n_values": height * width,
                 "height": height, "width": width})
             specs.append((key, slice_id, 1, _TYPE_IMAGE, head + pixels))
@@ -920,8 +892,8 @@ def _chunk_specs(volumes: list[npt.NDArray[np.float64]], lateralities: Sequence[
                 if values.shape != (n, width):
                     raise ValueError(f"layer {layer_id} must have shape {(n, width)}, got {values.shape}")
                 values = values[j]
-                values = np.where(np.isfinite(values), values, float(np.finfo(np.float32).max))
-                head = _pack(_LAYER_HEADER_FIELDS, _LAYER_HEADER, {"layer_id": layer_id, "width": width})
+                values = np.where(np.isfinite(values), values, FLT_MAX)
+                head = pack(_LAYER_HEADER_FIELDS, _LAYER_HEADER, {"layer_id": layer_id, "width": width})
                 specs.append((key, slice_id, 0, _TYPE_LAYER, head + values.astype("<f4").tobytes()))
     return specs
 
@@ -1020,26 +992,26 @@ def write_heyex_e2e_minimal(path: str | Path, volumes: Sequence[npt.ArrayLike], 
         pos += _CHUNK_HEADER.size + len(spec[4])
 
     out = bytearray()
-    out += _pack(_FILE_HEADER_FIELDS, _FILE_HEADER, {"magic": _magic12(_MAGIC_FILE), "version": 100,
-                                                     "unknown": b"\xff" * 18})
-    out += _pack(_DIRECTORY_HEADER_FIELDS, _DIRECTORY_HEADER, {
+    out += pack(_FILE_HEADER_FIELDS, _FILE_HEADER, {"magic": _magic12(_MAGIC_FILE), "version": 100,
+                                                    "unknown": b"\xff" * 18})
+    out += pack(_DIRECTORY_HEADER_FIELDS, _DIRECTORY_HEADER, {
         "magic": _magic12(_MAGIC_MAIN_DIR), "version": 100, "num_entries": n if with_dir else 0,
         "current": dir_pos if with_dir else 0})
     shift = 13 if directory == "stale" else 0
+    entry_pos = [dir_pos + _DIRECTORY_HEADER.size + k * _DIRECTORY_ENTRY.size for k in range(n)]
+    # What a directory entry repeats of its chunk's header: payload size, key, slice, type.
+    shared = [{"size": len(payload), "patient_id": pid, "study_id": study, "series_id": ser, "slice_id": slice_id,
+               "ind": ind, "type": typ} for (pid, study, ser), slice_id, ind, typ, payload in specs]
     if with_dir:
-        out += _pack(_DIRECTORY_HEADER_FIELDS, _DIRECTORY_HEADER, {
+        out += pack(_DIRECTORY_HEADER_FIELDS, _DIRECTORY_HEADER, {
             "magic": _magic12(_MAGIC_DIR), "version": 100, "num_entries": n, "current": dir_pos, "prev": 0})
-        for k, ((pid, study, ser), slice_id, ind, typ, payload) in enumerate(specs):
-            out += _pack(_DIRECTORY_ENTRY_FIELDS, _DIRECTORY_ENTRY, {
-                "pos": dir_pos + _DIRECTORY_HEADER.size + k * _DIRECTORY_ENTRY.size, "start": offsets[k] + shift,
-                "size": len(payload), "patient_id": pid, "study_id": study, "series_id": ser, "slice_id": slice_id,
-                "ind": ind, "type": typ})
-    for k, ((pid, study, ser), slice_id, ind, typ, payload) in enumerate(specs):
-        out += _pack(_CHUNK_HEADER_FIELDS, _CHUNK_HEADER, {
-            "magic": _magic12(_MAGIC_DATA), "entry_pos": dir_pos + _DIRECTORY_HEADER.size + k * _DIRECTORY_ENTRY.size,
-            "pos": offsets[k], "size": len(payload), "patient_id": pid, "study_id": study, "series_id": ser,
-            "slice_id": slice_id, "ind": ind, "type": typ})
-        out += payload
+        for k in range(n):
+            out += pack(_DIRECTORY_ENTRY_FIELDS, _DIRECTORY_ENTRY,
+                        {"pos": entry_pos[k], "start": offsets[k] + shift, **shared[k]})
+    for k, spec in enumerate(specs):
+        out += pack(_CHUNK_HEADER_FIELDS, _CHUNK_HEADER,
+                    {"magic": _magic12(_MAGIC_DATA), "entry_pos": entry_pos[k], "pos": offsets[k], **shared[k]})
+        out += spec[4]
     target = check_writable(path, overwrite=overwrite)
     target.write_bytes(bytes(out))
     return target

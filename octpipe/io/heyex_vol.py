@@ -23,8 +23,8 @@ import hashlib
 import math
 import os
 import struct
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,21 +34,13 @@ import numpy as np
 import numpy.typing as npt
 
 from octpipe.errors import CorruptFileError, FormatError
-from octpipe.io._common import check_writable, make_provenance
+from octpipe.io._binary import Field as _Field
+from octpipe.io._binary import pack, struct_for, unpack
+from octpipe.io._common import atomic_output, check_writable, make_provenance
+from octpipe.io._heyex import FLT_MAX, HEYEX_LAYER_NAMES, INVALID_FROM
 from octpipe.volume import OctVolume
 
 __all__ = ["read_heyex_vol", "read_heyex_vol_slo", "write_heyex_vol", "HEYEX_LAYER_NAMES"]
-
-
-@dataclass(frozen=True)
-class _Field:
-    """One binary header field: its name, :mod:`struct` code and meaning."""
-
-    name: str
-    fmt: str
-    meaning: str
-    identifying: bool = False
-
 
 # HSF-OCT-103 file header, 2048 bytes. Field meanings after the Heidelberg
 # "Spectralis raw export" description (as documented in eyepy's vol_reader).
@@ -102,12 +94,6 @@ _BSCAN_HEADER_FIELDS: tuple[_Field, ...] = (
     _Field("Spare", "168x", "spare, zero"),
 )
 
-#: Heyex boundary index -> name, as stored in the per-B-scan segmentation block.
-HEYEX_LAYER_NAMES: tuple[str, ...] = (
-    "ILM", "BM", "RNFL", "GCL", "IPL", "INL", "OPL", "ONL", "ELM", "IOS",
-    "OPT", "CHO", "VIT", "ANT", "PR1", "PR2", "RPE", "IPL+", "IPL-",
-)
-
 _SCAN_PATTERNS = {0: "unknown", 1: "line", 2: "circle", 3: "volume", 4: "volume", 5: "radial"}
 
 _FILE_MAGIC = b"HSF-OCT-"
@@ -117,8 +103,6 @@ _BSCAN_VERSION = "HSF-BS-103"
 _FILE_HEADER_SIZE = 2048
 _BSCAN_FIXED_SIZE = 256
 _DEFAULT_BSCAN_HDR_SIZE = 55296
-_INVALID_FROM = 3.0e38
-_FLT_MAX = float(np.finfo(np.float32).max)
 _MAX_SIZE = 8192
 _MAX_BSCANS = 4096
 _MAX_BSCAN_HDR_SIZE = _BSCAN_FIXED_SIZE + 64 * 4 * _MAX_SIZE
@@ -127,66 +111,10 @@ _SLO_FIELD_MM = 8.64  # 30 degrees at ~0.288 mm/degree (Gullstrand eye)
 _FILETIME_EPOCH = datetime(1601, 1, 1, tzinfo=UTC)
 
 
-def _struct_for(fields: tuple[_Field, ...]) -> struct.Struct:
-    return struct.Struct("<" + "".join(f.fmt for f in fields))
-
-
-_FILE_STRUCT = _struct_for(_FILE_HEADER_FIELDS)
-_BSCAN_STRUCT = _struct_for(_BSCAN_HEADER_FIELDS)
+_FILE_STRUCT = struct_for(_FILE_HEADER_FIELDS)
+_BSCAN_STRUCT = struct_for(_BSCAN_HEADER_FIELDS)
 if _FILE_STRUCT.size != _FILE_HEADER_SIZE or _BSCAN_STRUCT.size != _BSCAN_FIXED_SIZE:  # pragma: no cover
     raise RuntimeError("heyex_vol header tables do not add up to 2048 / 256 bytes")
-
-
-def _value_count(field: _Field) -> int:
-    """How many values ``struct`` produces for a field (0 for padding)."""
-    code = field.fmt[-1]
-    if code == "x":
-        return 0
-    if code == "s":
-        return 1
-    return int(field.fmt[:-1] or 1)
-
-
-def _unpack(fields: tuple[_Field, ...], codec: struct.Struct, buf: bytes, *,
-            keep_identifying: bool = False) -> dict[str, object]:
-    """Unpack ``buf`` with a field table into ``{name: value}``.
-
-    Identifying fields are dropped unless ``keep_identifying``; strings are
-    decoded up to the first NUL.
-    """
-    values = codec.unpack(buf[:codec.size])
-    out: dict[str, object] = {}
-    pos = 0
-    for field in fields:
-        n = _value_count(field)
-        if n == 0:
-            continue
-        chunk = values[pos:pos + n]
-        pos += n
-        if field.identifying and not keep_identifying:
-            continue
-        value: object = chunk if n > 1 else chunk[0]
-        if isinstance(value, bytes):
-            value = value.split(b"\0", 1)[0].decode("ascii", errors="replace").strip()
-        out[field.name] = value
-    return out
-
-
-def _pack(fields: tuple[_Field, ...], codec: struct.Struct, values: Mapping[str, object]) -> bytes:
-    """Pack ``values`` with a field table; missing fields are written as zeros."""
-    flat: list[object] = []
-    for field in fields:
-        n = _value_count(field)
-        if n == 0:
-            continue
-        value = values.get(field.name)
-        if field.fmt.endswith("s"):
-            flat.append(b"" if value is None else str(value).encode("ascii"))
-        elif n > 1:
-            flat.extend([0] * n if value is None else list(value))  # type: ignore[call-overload]
-        else:
-            flat.append(0 if value is None else value)
-    return codec.pack(*flat)
 
 
 # --------------------------------------------------------------------------- reading
@@ -265,7 +193,7 @@ def _read_layout(reader: _HashingReader, path: Path, file_size: int) -> _Layout:
         raise CorruptFileError(
             f"truncated: expected at least {_FILE_HEADER_SIZE} bytes (file header), file has {len(head)}", path)
     try:
-        header = _unpack(_FILE_HEADER_FIELDS, _FILE_STRUCT, head)
+        header = unpack(_FILE_HEADER_FIELDS, _FILE_STRUCT, head)
     except (struct.error, UnicodeError) as exc:  # pragma: no cover - length checked above
         raise CorruptFileError(f"unreadable file header ({exc})", path) from exc
     size_x = _check_range(header["SizeX"], 1, _MAX_SIZE, "SizeX", path)
@@ -288,13 +216,13 @@ def _read_layout(reader: _HashingReader, path: Path, file_size: int) -> _Layout:
 def _invalid_mask(values: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
     """Return True where a stored float is FLT_MAX-like or not finite."""
     mask = ~np.isfinite(values)
-    mask |= values >= _INVALID_FROM
+    mask |= values >= INVALID_FROM
     return mask
 
 
 def _parse_bscan_header(buf: bytes, index: int, layout: _Layout, path: Path) -> dict[str, object]:
     try:
-        header = _unpack(_BSCAN_HEADER_FIELDS, _BSCAN_STRUCT, buf)
+        header = unpack(_BSCAN_HEADER_FIELDS, _BSCAN_STRUCT, buf)
     except (struct.error, UnicodeError) as exc:  # pragma: no cover - length checked by caller
         raise CorruptFileError(f"unreadable header of B-scan {index} ({exc})", path) from exc
     if not buf.startswith(_BSCAN_MAGIC):
@@ -312,9 +240,9 @@ def _parse_bscan_header(buf: bytes, index: int, layout: _Layout, path: Path) -> 
     return header
 
 
-def _read_all(path: Path) -> tuple[_Layout, npt.NDArray[np.float32], list[dict[str, object]],
-                                   list[npt.NDArray[np.float32]], int, str]:
-    """Read a .vol file: layout, raw pixels, B-scan headers, boundary rows, trailer size, sha256."""
+@contextmanager
+def _opened(path: Path) -> Iterator[tuple[_HashingReader, _Layout]]:
+    """Open a .vol file and read its validated header; yield the hashing reader (at the SLO) and layout."""
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed below
     except IsADirectoryError as exc:
@@ -322,7 +250,13 @@ def _read_all(path: Path) -> tuple[_Layout, npt.NDArray[np.float32], list[dict[s
     with fh:
         file_size = os.fstat(fh.fileno()).st_size
         reader = _HashingReader(fh, path, file_size)
-        layout = _read_layout(reader, path, file_size)
+        yield reader, _read_layout(reader, path, file_size)
+
+
+def _read_all(path: Path) -> tuple[_Layout, npt.NDArray[np.float32], list[dict[str, object]],
+                                   list[npt.NDArray[np.float32]], int, str]:
+    """Read a .vol file: layout, raw pixels, B-scan headers, boundary rows, trailer size, sha256."""
+    with _opened(path) as (reader, layout):
         reader.read(layout.slo_bytes, "SLO image")
         pixels = np.empty((layout.n_bscans, layout.size_z, layout.size_x), dtype=np.float32)
         headers: list[dict[str, object]] = []
@@ -371,7 +305,7 @@ def _bscan_order(pattern: int, headers: list[dict[str, object]]) -> str:
 
 def _quality(value: object) -> float | None:
     q = float(value)  # type: ignore[arg-type]
-    return q if math.isfinite(q) and q < _INVALID_FROM else None
+    return q if math.isfinite(q) and q < INVALID_FROM else None
 
 
 def read_heyex_vol(path: str | Path) -> OctVolume:
@@ -484,14 +418,7 @@ def read_heyex_vol_slo(path: str | Path) -> npt.NDArray[np.uint8]:
     (256, 256)
     """
     path = Path(path)
-    try:
-        fh = open(path, "rb")  # noqa: SIM115 - closed below
-    except IsADirectoryError as exc:
-        raise FormatError("is a folder, not a .vol file", path) from exc
-    with fh:
-        file_size = os.fstat(fh.fileno()).st_size
-        reader = _HashingReader(fh, path, file_size)
-        layout = _read_layout(reader, path, file_size)
+    with _opened(path) as (reader, layout):
         raw = reader.read(layout.slo_bytes, "SLO image")
     return np.frombuffer(raw, dtype=np.uint8).reshape(layout.slo_shape).copy()
 
@@ -549,7 +476,7 @@ def _as_rows(values: npt.ArrayLike, shape: tuple[int, ...], what: str) -> npt.ND
         raise ValueError(f"{what} must be real numbers, got dtype {arr.dtype}")
     with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf -> FLT_MAX
         out = arr.astype("<f4", copy=True)
-    out[~np.isfinite(out)] = _FLT_MAX
+    out[~np.isfinite(out)] = FLT_MAX
     return out
 
 
@@ -652,7 +579,7 @@ def write_heyex_vol(
     if unknown:
         raise ValueError(f"unknown layer names {unknown}; valid: {list(HEYEX_LAYER_NAMES)}")
     num_seg = max([2] + [HEYEX_LAYER_NAMES.index(name) + 1 for name in layers])
-    seg = np.full((num_seg, n_bscans, size_x), _FLT_MAX, dtype="<f4")
+    seg = np.full((num_seg, n_bscans, size_x), FLT_MAX, dtype="<f4")
     for name, rows in layers.items():
         seg[HEYEX_LAYER_NAMES.index(name)] = _as_rows(rows, (n_bscans, size_x), f"layer {name!r}")
 
@@ -665,7 +592,7 @@ def write_heyex_vol(
 
     need = _BSCAN_FIXED_SIZE + num_seg * size_x * 4
     hdr_size = max(_DEFAULT_BSCAN_HDR_SIZE, -(-need // 1024) * 1024)
-    file_header = _pack(_FILE_HEADER_FIELDS, _FILE_STRUCT, {
+    file_header = pack(_FILE_HEADER_FIELDS, _FILE_STRUCT, {
         "Version": _FILE_VERSION, "SizeX": size_x, "NumBScans": n_bscans, "SizeZ": size_z,
         "ScaleX": scale_x, "Distance": distance, "ScaleZ": scale_z,
         "SizeXSlo": slo_cols, "SizeYSlo": slo_rows, "ScaleXSlo": scale_slo, "ScaleYSlo": scale_slo,
@@ -677,24 +604,17 @@ def write_heyex_vol(
                                  (slo_cols * scale_slo / 2.0, slo_rows * scale_slo / 2.0))
 
     path = check_writable(path, overwrite=overwrite)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(file_header)
-            out.write(np.ascontiguousarray(slo_img).tobytes())
-            for i, (start_x, start_y, end_x, end_y) in enumerate(positions):
-                block = bytearray(hdr_size)
-                block[:_BSCAN_FIXED_SIZE] = _pack(_BSCAN_HEADER_FIELDS, _BSCAN_STRUCT, {
-                    "Version": _BSCAN_VERSION, "BScanHdrSize": hdr_size,
-                    "StartX": start_x, "StartY": start_y, "EndX": end_x, "EndY": end_y,
-                    "NumSeg": num_seg, "OffSeg": _BSCAN_FIXED_SIZE, "Quality": _FLT_MAX,
-                })
-                block[_BSCAN_FIXED_SIZE:need] = np.ascontiguousarray(seg[:, i]).tobytes()
-                out.write(block)
-                out.write(pixels[i].tobytes())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "wb") as out:
+        out.write(file_header)
+        out.write(np.ascontiguousarray(slo_img).tobytes())
+        for i, (start_x, start_y, end_x, end_y) in enumerate(positions):
+            block = bytearray(hdr_size)
+            block[:_BSCAN_FIXED_SIZE] = pack(_BSCAN_HEADER_FIELDS, _BSCAN_STRUCT, {
+                "Version": _BSCAN_VERSION, "BScanHdrSize": hdr_size,
+                "StartX": start_x, "StartY": start_y, "EndX": end_x, "EndY": end_y,
+                "NumSeg": num_seg, "OffSeg": _BSCAN_FIXED_SIZE, "Quality": FLT_MAX,
+            })
+            block[_BSCAN_FIXED_SIZE:need] = np.ascontiguousarray(seg[:, i]).tobytes()
+            out.write(block)
+            out.write(pixels[i].tobytes())
     return path

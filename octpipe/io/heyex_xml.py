@@ -63,9 +63,7 @@ Conventions
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from datetime import date
@@ -77,8 +75,8 @@ import numpy as np
 import numpy.typing as npt
 
 from octpipe.errors import CorruptFileError, FormatError, OctpipeError, UnsupportedFormatError
-from octpipe.io._common import check_writable, file_sha256, make_provenance
-from octpipe.io.heyex_vol import HEYEX_LAYER_NAMES
+from octpipe.io._common import atomic_output, check_uint8_volume, check_writable, file_sha256, make_provenance
+from octpipe.io._heyex import HEYEX_LAYER_NAMES, INVALID_FROM
 from octpipe.io.images import DEFAULT_SPACING_MM, _read_single
 from octpipe.volume import OctVolume
 
@@ -90,7 +88,6 @@ MAX_XML_BYTES = 256 * 1024 * 1024
 MAX_BSCANS = 4096
 
 _MAX_SIZE = 8192  # image rows / columns
-_INVALID_FROM = 3.0e38
 _HEYEX_NONE = "3e+038"  # how Heyex writes "no boundary here"
 _ENTITY_RE = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
 _ENCODING_RE = re.compile(rb"""^<\?xml[^>]*?encoding\s*=\s*["']([A-Za-z0-9._-]+)["']""")
@@ -274,7 +271,7 @@ def _layer_values(text: str | None, width: int, what: str, path: Path) -> npt.ND
         values = np.array([float(t) for t in tokens], dtype=np.float64)
     except ValueError as exc:
         raise CorruptFileError(f"{what} holds a value that is not a number", path) from exc
-    bad = ~np.isfinite(values) | (values >= _INVALID_FROM) | (values < 0)
+    bad = ~np.isfinite(values) | (values >= INVALID_FROM) | (values < 0)
     values[bad] = np.nan
     return values.astype(np.float32)
 
@@ -562,9 +559,7 @@ def _layer_text(row: npt.NDArray[np.float32]) -> str:
 
 
 def _save_image(target: Path, image: npt.NDArray[np.uint8], image_format: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_output(target) as tmp:
         if image_format == "png":
             from PIL import Image
 
@@ -573,11 +568,6 @@ def _save_image(target: Path, image: npt.NDArray[np.uint8], image_format: str) -
             import tifffile
 
             tifffile.imwrite(tmp, np.ascontiguousarray(image), photometric="minisblack")
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _synthetic_localizer() -> npt.NDArray[np.uint8]:
@@ -651,10 +641,7 @@ def write_heyex_xml(
     >>> xml.name, sorted(p.name for p in xml.parent.glob("bscan_*"))
     ('export.xml', ['bscan_000.png', 'bscan_001.png'])
     """
-    if not isinstance(data_uint8, np.ndarray) or data_uint8.dtype != np.uint8:
-        raise ValueError(f"data_uint8 must be a uint8 ndarray, got {getattr(data_uint8, 'dtype', type(data_uint8))}")
-    if data_uint8.ndim != 3 or min(data_uint8.shape) < 1:
-        raise ValueError(f"data_uint8 must be 3-D (n_bscans, n_axial, n_ascans) and non-empty, got {data_uint8.shape}")
+    check_uint8_volume(data_uint8)
     n, rows, cols = data_uint8.shape
     if n > MAX_BSCANS or rows > _MAX_SIZE or cols > _MAX_SIZE:
         raise ValueError(f"data_uint8 shape {data_uint8.shape} out of range (1..{MAX_BSCANS}, 1..{_MAX_SIZE}, "
@@ -774,13 +761,6 @@ def write_heyex_xml(
     _save_image(folder / loc_name, _synthetic_localizer(), image_format)
     for i, name in enumerate(names):
         _save_image(folder / name, data_uint8[i], image_format)
-    fd, tmp = tempfile.mkstemp(prefix=".export.xml.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            ET.ElementTree(root).write(fh, encoding="utf-8", xml_declaration=True)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(target) as tmp, open(tmp, "wb") as fh:
+        ET.ElementTree(root).write(fh, encoding="utf-8", xml_declaration=True)
     return target

@@ -26,9 +26,7 @@ Writer
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +34,7 @@ import numpy.typing as npt
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from octpipe.errors import CorruptFileError, FormatError, OctpipeError, UnsupportedFormatError
-from octpipe.io._common import file_sha256, make_provenance
+from octpipe.io._common import atomic_output, check_uint8_volume, file_sha256, make_provenance
 from octpipe.volume import OctVolume
 
 __all__ = ["read_bscan_image", "read_bscan_folder", "write_bscan_folder", "DEFAULT_SPACING_MM", "IMAGE_SUFFIXES"]
@@ -368,10 +366,7 @@ def write_bscan_folder(folder: str | Path, data_uint8: npt.NDArray[np.uint8], *,
     >>> sorted(p.name for p in d.iterdir())
     ['bscan_000.png', 'bscan_001.png']
     """
-    if not isinstance(data_uint8, np.ndarray) or data_uint8.dtype != np.uint8:
-        raise ValueError(f"data_uint8 must be a uint8 ndarray, got {getattr(data_uint8, 'dtype', type(data_uint8))}")
-    if data_uint8.ndim != 3 or min(data_uint8.shape) < 1:
-        raise ValueError(f"data_uint8 must be 3-D (n_bscans, n_axial, n_ascans) and non-empty, got {data_uint8.shape}")
+    check_uint8_volume(data_uint8)
     folder = Path(folder)
     if folder.exists():
         if not folder.is_dir():
@@ -384,15 +379,8 @@ def write_bscan_folder(folder: str | Path, data_uint8: npt.NDArray[np.uint8], *,
     written = set()
     for i in range(n):
         name = f"bscan_{i:0{width}d}.png"
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                Image.fromarray(np.ascontiguousarray(data_uint8[i])).save(fh, format="PNG")
-            os.replace(tmp, folder / name)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_output(folder / name) as tmp:
+            Image.fromarray(np.ascontiguousarray(data_uint8[i])).save(tmp, format="PNG")
         written.add(name)
     for old in folder.iterdir():
         if _BSCAN_NAME.match(old.name) and old.name not in written and old.is_file():

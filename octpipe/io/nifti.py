@@ -42,8 +42,6 @@ Reading
 from __future__ import annotations
 
 import gzip
-import os
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -55,7 +53,7 @@ from nibabel.openers import ImageOpener
 from nibabel.spatialimages import HeaderDataError
 
 from octpipe.errors import CorruptFileError, FormatError, UnsupportedFormatError
-from octpipe.io._common import check_writable, file_sha256, make_provenance
+from octpipe.io._common import atomic_output, check_writable, file_sha256, make_provenance
 from octpipe.io.images import DEFAULT_SPACING_MM
 from octpipe.volume import OctVolume
 
@@ -180,15 +178,8 @@ def write_nifti(
     header["scl_inter"] = 0.0
 
     suffix = ".nii.gz" if name.endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp" + suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path, suffix=suffix) as tmp:  # nibabel picks the format from the suffix
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
