@@ -59,6 +59,17 @@ def check_writable(path: str | Path, *, overwrite: bool) -> Path:
     return path
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would, racing other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 @contextmanager
 def atomic_output(path: str | Path, *, suffix: str = "") -> Iterator[Path]:
     """Write ``path`` through a temporary file in the same folder, moved into place on success.
@@ -74,9 +85,7 @@ def atomic_output(path: str | Path, *, suffix: str = "") -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield tmp
         os.replace(tmp, path)
