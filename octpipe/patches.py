@@ -95,9 +95,9 @@ def extract_patches(volume: npt.ArrayLike, index: npt.ArrayLike, patch: tuple[in
             (idx[:, 1] + ph > v.shape[1]).any() or (idx[:, 2] + pw > v.shape[2]).any() or
             (idx[:, 0] >= v.shape[0]).any()):
         raise ValueError(f"patch index outside the volume of shape {v.shape}")
-    rows = idx[:, 1, None, None] + np.arange(ph)[None, :, None]
-    cols = idx[:, 2, None, None] + np.arange(pw)[None, None, :]
-    return v[idx[:, 0, None, None], rows, cols]
+    # a strided view of every window, then one gather of the n windows asked for
+    windows = np.lib.stride_tricks.sliding_window_view(v, (ph, pw), axis=(1, 2))
+    return windows[idx[:, 0], idx[:, 1], idx[:, 2]]
 
 
 def patch_labels(mask_patches: np.ndarray | None, n: int, volume_label: int) -> npt.NDArray[np.int8]:
@@ -253,10 +253,13 @@ def write_patch_split(
     if patch > first.shape[1] or patch > first.shape[2]:
         raise OctpipeError(f"patch size {patch} is larger than the flattened area {first.shape[1:]}", store)
 
+    from octpipe.store import FAST_ZSTD
+
     staging = store / ".staging" / f"patches-{split}-{uuid.uuid4().hex[:8]}"
     group = zarr.open_group(str(staging), mode="w")
     arrays = {
-        "x": group.create_array("x", shape=(0, patch, patch), dtype=dtype, chunks=(chunk, patch, patch)),
+        "x": group.create_array("x", shape=(0, patch, patch), dtype=dtype, chunks=(chunk, patch, patch),
+                                compressors=FAST_ZSTD),
         "index": group.create_array("index", shape=(0, 4), dtype="int32", chunks=(chunk * 16, 4)),
         "label": group.create_array("label", shape=(0,), dtype="int8", chunks=(chunk * 16,)),
     }
@@ -274,7 +277,7 @@ def write_patch_split(
             data = np.concatenate(buffers[name])
             if name == "mask" and "mask" not in arrays:
                 arrays["mask"] = group.create_array("mask", shape=(0, patch, patch), dtype="uint8",
-                                                    chunks=(chunk, patch, patch))
+                                                    chunks=(chunk, patch, patch), compressors=FAST_ZSTD)
             arrays[name].append(data[:n_write], axis=0)
             buffers[name] = [data[n_write:]] if n_write < len(data) else []
         counts["buffered"] = n_buf - n_write
