@@ -538,7 +538,8 @@ def patch_breakdown(store: Path, split: str, repeats: int = 3) -> dict:
     Median over ``repeats`` of: reading ``flat``, the positions, cutting + float16, the
     mask (flatten + cut), the labels -- the pieces of ``_volume_patches`` -- and appending
     that volume's x / mask / index / label to fresh arrays made as ``write_patch_split``
-    makes them (Zarr default codecs: encode + compress + file writes).
+    makes them (its chunks, and the codecs of the split it wrote in ``store``: encode +
+    compress + file writes).
     """
     import zarr
 
@@ -547,6 +548,13 @@ def patch_breakdown(store: Path, split: str, repeats: int = 3) -> dict:
     from octpipe.store import complete_volumes
 
     vid = sorted(complete_volumes(store).values())[0]
+    # the codecs write_patch_split used for this split (when it has been written), else Zarr's defaults
+    written = {}
+    split_dir = store / "patches" / split
+    if split_dir.exists():
+        for name in ("x", "mask", "index", "label"):
+            if (split_dir / name).exists():
+                written[name] = zarr.open_array(str(split_dir / name), mode="r").compressors
     kw = {"patch": 64, "stride": 32, "k": 64}
     t: dict[str, list[float]] = {}
 
@@ -569,10 +577,11 @@ def patch_breakdown(store: Path, split: str, repeats: int = 3) -> dict:
                           order=0, fill=0), index, (64, 64)).astype(np.uint8))
         label = timed("labels", lambda: patch_labels(mask, len(index), int(attrs.get("label", -1))))
         out = zarr.open_group(str(store / f"breakdown-{rep}"), mode="w")
-        arrs = {"x": out.create_array("x", shape=(0, 64, 64), dtype="float16", chunks=(1024, 64, 64)),
-                "mask": out.create_array("mask", shape=(0, 64, 64), dtype="uint8", chunks=(1024, 64, 64)),
-                "index": out.create_array("index", shape=(0, 4), dtype="int32", chunks=(1024 * 16, 4)),
-                "label": out.create_array("label", shape=(0,), dtype="int8", chunks=(1024 * 16,))}
+        specs = {"x": ((0, 64, 64), "float16", (1024, 64, 64)), "mask": ((0, 64, 64), "uint8", (1024, 64, 64)),
+                 "index": ((0, 4), "int32", (1024 * 16, 4)), "label": ((0,), "int8", (1024 * 16,))}
+        arrs = {name: out.create_array(name, shape=shape, dtype=dtype, chunks=chunks,
+                                       compressors=written.get(name, "auto"))
+                for name, (shape, dtype, chunks) in specs.items()}
         idx4 = np.column_stack([np.zeros(len(index), np.int32), index]).astype(np.int32)
         for name, data in (("x", x), ("mask", mask), ("index", idx4), ("label", label)):
             timed(f"append_{name}", lambda a=arrs[name], d=data: a.append(d, axis=0))

@@ -139,7 +139,9 @@ def _volume_patches(store: str, volume_id: str, split: str, patch: int, stride: 
     index = volume_patch_index(split, flat.shape, patch=patch, stride=stride, k=k, rng=rng)
     x = extract_patches(flat, index, (patch, patch)).astype(dtype)
     mask = None
-    if "mask" in group:
+    if "mask" in group and int(attrs.get("label", -1)) == 0:
+        mask = np.zeros((len(index), patch, patch), np.uint8)  # annotated healthy: known empty
+    elif "mask" in group:
         geometry = attrs["flatten"]
         mask_flat = flatten_image(group["mask"][...], group["flatmap"][...], height=geometry["height"],
                                   bm_row=geometry["bm_row"], order=0, fill=0)
