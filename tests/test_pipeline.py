@@ -149,10 +149,12 @@ def test_dask_cluster_gives_the_same_store(tmp_path):
     for store in ("serial.zarr", "dask.zarr"):
         for vid in volume_ids(tmp_path / store):
             arrays, attrs = read_volume_group(tmp_path / store, vid)
-            by_src.setdefault(attrs["source"], []).append(arrays["image"])
+            by_src.setdefault(attrs["source"], []).append(arrays)
     assert len(by_src) == 3
-    for a, b in by_src.values():
-        np.testing.assert_array_equal(a, b)
+    for a, b in by_src.values():  # every stage's output: image, layers, flat, flatmap
+        assert set(a) == set(b) >= {"image", "layers", "flat", "flatmap"}
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name])
 
 
 def test_discovery_groups_bscan_folders_and_skips_label_maps(tmp_path):
