@@ -55,6 +55,8 @@ from octpipe.cli import ingest as _ingest  # noqa: E402,F401
 from octpipe.cli import layers as _layers  # noqa: E402,F401
 from octpipe.cli import patches as _patches  # noqa: E402,F401
 from octpipe.cli import phantom as _phantom  # noqa: E402,F401
+from octpipe.cli import score as _score  # noqa: E402,F401
+from octpipe.cli import train as _train  # noqa: E402,F401
 
 
 def main(argv: Sequence[str] | None = None) -> int:

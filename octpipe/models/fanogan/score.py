@@ -1,0 +1,579 @@
+"""f-AnoGAN anomaly scores of patches (FANOGAN-SPEC.md §1.5), the pixel residual and calibration.
+
+For each patch x, with the trained encoder E, generator G and critic features f:
+
+- ``A_R``: mean over pixels of ``(x − G(E(x)))²``;
+- ``A_D``: mean over the features of ``(f(x) − f(G(E(x))))²``;
+- ``A = A_R + κ·A_D`` (the official ``img_distance``);
+- ``z_distance``: mean of ``(E(x) − E(G(E(x))))²``.
+
+These are plain means (no standardisation). Unlike the official script, every patch is scored:
+the last partial batch is kept. ``pixel_residual`` returns the paper's ``|x − G(E(x))|`` map,
+which the official code never produces.
+
+Inference runs under ``torch.inference_mode`` with every network in eval mode (BatchNorm uses
+its moving averages) and channels_last tensors. The default precision is bfloat16 autocast with
+TF32 on CUDA and float32 on CPU. Scores are always computed from float32 copies of the network
+outputs.
+
+Held-out normal scores are summarised by :func:`calibrate` (``RUN/calibration.json``), and
+:func:`calibration_percentile` expresses new scores as percentiles of them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from octpipe.errors import ConfigError, OctpipeError
+from octpipe.models.fanogan.checkpoint import FAnoGANModel, load_run, provenance, write_text_atomic
+from octpipe.models.fanogan.losses import anomaly_scores, latent_distances
+
+__all__ = [
+    "SCORE_NAMES",
+    "CSV_COLUMNS",
+    "ScoreResult",
+    "resolve_device",
+    "resolve_precision",
+    "precision_context",
+    "score_patches",
+    "pixel_residual",
+    "score_store",
+    "calibrate",
+    "calibration_percentile",
+]
+
+#: Names of the per-patch scores, in CSV order.
+SCORE_NAMES = ("A_R", "A_D", "A", "z_distance")
+#: Columns of the scores CSV written by :func:`score_store`.
+CSV_COLUMNS = ("volume_id", "bscan", "row", "col", "label", *SCORE_NAMES)
+
+ArrayOrTensor = npt.NDArray[np.floating] | torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------
+# Device and precision
+# --------------------------------------------------------------------------------------------
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """Turn ``'auto'``/``'cpu'``/``'cuda'`` (or a device) into a ``torch.device``.
+
+    Under ``torchrun`` (``LOCAL_RANK`` set) ``'auto'``/``'cuda'`` pick ``cuda:LOCAL_RANK``.
+
+    Parameters
+    ----------
+    device : str, torch.device or None, default 'auto'
+        ``auto`` (or None) = CUDA when available, else CPU.
+
+    Returns
+    -------
+    torch.device
+
+    Raises
+    ------
+    ConfigError
+        If CUDA is requested but not available, or the name is unknown.
+
+    Examples
+    --------
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if isinstance(device, torch.device):
+        return device
+    if device is None or device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return torch.device("cpu")
+    if isinstance(device, str) and device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested but CUDA is not available (torch {torch.__version__})")
+        if device == "cuda":
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+        return torch.device(device)
+    raise ConfigError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+
+
+def resolve_precision(precision: str, device: torch.device, *, training: bool) -> str:
+    """Resolve ``'auto'`` precision: ``fp32`` on CPU; on CUDA ``tf32`` for training, ``bf16`` for inference.
+
+    Parameters
+    ----------
+    precision : {'auto', 'fp32', 'tf32', 'bf16'}
+        Requested precision.
+    device : torch.device
+        Target device.
+    training : bool
+        Whether this is for training (``auto`` is more conservative there).
+
+    Returns
+    -------
+    str
+        ``'fp32'``, ``'tf32'`` or ``'bf16'``. ``tf32`` becomes ``fp32`` on CPU.
+
+    Raises
+    ------
+    ConfigError
+        If ``precision`` is unknown.
+    """
+    if precision not in ("auto", "fp32", "tf32", "bf16"):
+        raise ConfigError(f"precision must be auto, fp32, tf32 or bf16, got {precision!r}")
+    if precision == "auto":
+        precision = ("tf32" if training else "bf16") if device.type == "cuda" else "fp32"
+    if precision == "tf32" and device.type != "cuda":
+        precision = "fp32"
+    return precision
+
+
+@contextmanager
+def _cuda_fp32_mode(mode: str) -> Iterator[None]:
+    """Set cuBLAS/cuDNN float32 precision to ``'tf32'`` or ``'ieee'`` inside the block."""
+    try:
+        matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+        old = (matmul.fp32_precision, conv.fp32_precision)
+    except AttributeError:  # pragma: no cover - older torch without the fp32_precision API
+        yield
+        return
+    matmul.fp32_precision, conv.fp32_precision = mode, mode
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = old
+
+
+@contextmanager
+def precision_context(precision: str, device: torch.device) -> Iterator[None]:
+    """Autocast / TF32 settings for a block of forward passes.
+
+    Parameters
+    ----------
+    precision : {'fp32', 'tf32', 'bf16'}
+        A resolved precision (see :func:`resolve_precision`).
+    device : torch.device
+        The device the tensors live on.
+
+    Yields
+    ------
+    None
+    """
+    with ExitStack() as stack:
+        if device.type == "cuda":
+            stack.enter_context(_cuda_fp32_mode("ieee" if precision == "fp32" else "tf32"))
+        if precision == "bf16":
+            stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+        yield
+
+
+# --------------------------------------------------------------------------------------------
+# Batching
+# --------------------------------------------------------------------------------------------
+def _as_images(x: ArrayOrTensor, channels: int) -> torch.Tensor:
+    t = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x
+    if t.ndim == 3 and channels == 1:
+        t = t[:, None]
+    if t.ndim != 4:
+        raise ValueError(f"patches must have shape (N, C, H, W) or (N, H, W), got {tuple(t.shape)}")
+    return t
+
+
+def _rebatch(x: ArrayOrTensor | Iterable[ArrayOrTensor], batch_size: int, channels: int) -> Iterator[torch.Tensor]:
+    """Yield batches of exactly ``batch_size`` patches, then the remainder (never dropped)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    parts: Iterable[ArrayOrTensor] = [x] if isinstance(x, np.ndarray | torch.Tensor) else x
+    pending: list[torch.Tensor] = []
+    n_pending = 0
+    for part in parts:
+        t = _as_images(part, channels)
+        while len(t):
+            take = min(batch_size - n_pending, len(t))
+            pending.append(t[:take])
+            n_pending += take
+            t = t[take:]
+            if n_pending == batch_size:
+                yield pending[0] if len(pending) == 1 else torch.cat(pending)
+                pending, n_pending = [], 0
+    if n_pending:
+        yield pending[0] if len(pending) == 1 else torch.cat(pending)
+
+
+def _require_encoder(model: FAnoGANModel) -> None:
+    if model.encoder is None:
+        raise OctpipeError("the model has no trained encoder; run octpipe train --stage encoder first",
+                           model.run_dir)
+
+
+def _setup(model: FAnoGANModel, device: str | torch.device | None, precision: str,
+           channels_last: bool | str) -> tuple[torch.device, str, torch.memory_format]:
+    _require_encoder(model)
+    dev = resolve_device(device) if device is not None else next(model.generator.parameters()).device
+    prec = resolve_precision(precision, dev, training=False)
+    if channels_last == "auto":
+        channels_last = True  # faster on CPU as well (benchmarks/results/fanogan.json)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(dev).eval()
+    for net in (model.generator, model.discriminator, model.encoder):
+        net.to(memory_format=fmt)  # type: ignore[union-attr]
+    return dev, prec, fmt
+
+
+def _to_device(batch: torch.Tensor, dev: torch.device, fmt: torch.memory_format) -> torch.Tensor:
+    return batch.to(dev, dtype=torch.float32, non_blocking=True).contiguous(memory_format=fmt)
+
+
+def _score_batch(model: FAnoGANModel, x: torch.Tensor, prec: str, dev: torch.device) -> torch.Tensor:
+    """Scores of one batch as a ``(4, N)`` float32 tensor (A_R, A_D, A, z_distance)."""
+    g, d, e = model.generator, model.discriminator, model.encoder
+    n = x.shape[0]
+    with precision_context(prec, dev):
+        z = e(x)  # type: ignore[misc]
+        x_rec = g(z)
+        feats = d.features(torch.cat([x, x_rec.to(x.dtype)]))
+        z_rec = e(x_rec.to(x.dtype))  # type: ignore[misc]
+    feats = feats.float()
+    scores = anomaly_scores(x, x_rec.float(), feats[:n], feats[n:], kappa=model.kappa)
+    zd = latent_distances(z.float(), z_rec.float())
+    return torch.stack([scores.residual, scores.feature, scores.total, zd])
+
+
+# --------------------------------------------------------------------------------------------
+# Public scoring functions
+# --------------------------------------------------------------------------------------------
+def score_patches(
+    model: FAnoGANModel,
+    x: ArrayOrTensor | Iterable[ArrayOrTensor],
+    *,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    precision: str = "auto",
+    channels_last: bool | str = "auto",
+) -> dict[str, npt.NDArray[np.float32]]:
+    """Anomaly scores of patches: A_R, A_D, A = A_R + κ·A_D and z_distance.
+
+    Parameters
+    ----------
+    model : FAnoGANModel
+        A trained model with an encoder (:func:`~octpipe.models.fanogan.checkpoint.load_run`).
+        It is moved to ``device`` and put in eval mode.
+    x : array, tensor or iterable of them
+        Patches, shape ``(N, C, H, W)`` (or ``(N, H, W)`` for one channel), values in [-1, 1];
+        an iterable of such blocks is streamed and re-batched.
+    batch_size : int, default 256
+        Patches per forward pass. The last, partial batch is scored too.
+    device : str, torch.device or None
+        ``'auto'``, ``'cpu'``, ``'cuda'``; None keeps the model's current device.
+    precision : {'auto', 'fp32', 'tf32', 'bf16'}, default 'auto'
+        ``auto``: bfloat16 autocast on CUDA, float32 on CPU.
+    channels_last : bool or 'auto', default 'auto'
+        ``auto`` = channels_last (faster on CPU and CUDA); False = NCHW.
+
+    Returns
+    -------
+    dict of str to ndarray
+        ``'A_R'``, ``'A_D'``, ``'A'`` and ``'z_distance'``, each float32 of shape ``(N,)``.
+
+    Raises
+    ------
+    OctpipeError
+        If the model has no encoder.
+    ValueError
+        If the patches have the wrong shape or ``batch_size < 1``.
+
+    Examples
+    --------
+    >>> from octpipe.models.fanogan.checkpoint import build_networks, FAnoGANModel
+    >>> from octpipe.models.fanogan.config import FAnoGANConfig
+    >>> cfg = FAnoGANConfig.from_dict({"model": {"image_size": 32, "dim": 8, "latent_dim": 16}})
+    >>> g, d, e = build_networks(cfg)
+    >>> s = score_patches(FAnoGANModel(g, d, e, cfg), torch.zeros(10, 1, 32, 32), batch_size=4)
+    >>> s["A"].shape
+    (10,)
+    """
+    dev, prec, fmt = _setup(model, device, precision, channels_last)
+    out: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for batch in _rebatch(x, batch_size, model.config.model.channels):
+            out.append(_score_batch(model, _to_device(batch, dev, fmt), prec, dev).cpu())
+    table = torch.cat(out, dim=1).numpy() if out else np.zeros((4, 0), np.float32)
+    return {name: np.ascontiguousarray(table[i], dtype=np.float32) for i, name in enumerate(SCORE_NAMES)}
+
+
+def pixel_residual(
+    model: FAnoGANModel,
+    x: ArrayOrTensor | Iterable[ArrayOrTensor],
+    *,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    precision: str = "auto",
+    channels_last: bool | str = "auto",
+) -> npt.NDArray[np.float32]:
+    """The pixel residual ``|x − G(E(x))|`` of patches (paper Fig. 1; not in the official code).
+
+    Parameters
+    ----------
+    model, x, batch_size, device, precision, channels_last
+        As for :func:`score_patches`.
+
+    Returns
+    -------
+    ndarray
+        float32, shape ``(N, C, H, W)``, values in [0, 2].
+
+    Raises
+    ------
+    OctpipeError
+        If the model has no encoder.
+    ValueError
+        If the patches have the wrong shape.
+    """
+    dev, prec, fmt = _setup(model, device, precision, channels_last)
+    out: list[np.ndarray] = []
+    with torch.inference_mode():
+        for batch in _rebatch(x, batch_size, model.config.model.channels):
+            xb = _to_device(batch, dev, fmt)
+            with precision_context(prec, dev):
+                x_rec = model.generator(model.encoder(xb))  # type: ignore[misc]
+            out.append((xb - x_rec.float()).abs().contiguous().cpu().numpy())
+    size = model.image_size
+    channels = model.config.model.channels
+    return np.concatenate(out) if out else np.zeros((0, channels, size, size), np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration
+# --------------------------------------------------------------------------------------------
+#: Percentiles stored in ``calibration.json`` besides the sorted values.
+CALIBRATION_PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99, 99.5, 99.9)
+
+
+def calibrate(scores: dict[str, npt.ArrayLike], *, max_values: int = 20000, source: str = "") -> dict[str, Any]:
+    """Summarise held-out normal scores for calibration (``RUN/calibration.json``).
+
+    Parameters
+    ----------
+    scores : dict of str to array
+        Output of :func:`score_patches` on held-out normal patches.
+    max_values : int, default 20000
+        Keep at most this many sorted values per score (evenly spaced quantiles beyond that).
+    source : str
+        Where the patches came from (for the record).
+
+    Returns
+    -------
+    dict
+        ``{"n", "source", "scores": {name: {"sorted", "percentiles", "mean", "std"}}}``.
+
+    Raises
+    ------
+    ValueError
+        If there are no scores.
+    """
+    out: dict[str, Any] = {"n": 0, "source": source, "percentile_levels": list(CALIBRATION_PERCENTILES),
+                           "scores": {}}
+    for name in SCORE_NAMES:
+        values = np.sort(np.asarray(scores[name], dtype=np.float64).ravel())
+        if values.size == 0:
+            raise ValueError("calibration needs at least one held-out score")
+        out["n"] = int(values.size)
+        kept = values if values.size <= max_values else np.quantile(values, np.linspace(0, 1, max_values))
+        out["scores"][name] = {
+            "sorted": [float(v) for v in kept],
+            "percentiles": [float(v) for v in np.percentile(values, CALIBRATION_PERCENTILES)],
+            "mean": float(values.mean()),
+            "std": float(values.std()),
+        }
+    return out
+
+
+def calibration_percentile(values: npt.ArrayLike, calibration: dict[str, Any], score: str = "A"
+                           ) -> npt.NDArray[np.float64]:
+    """Express scores as percentiles (0-100) of the held-out normal scores.
+
+    Parameters
+    ----------
+    values : array_like
+        Scores of kind ``score``.
+    calibration : dict
+        Output of :func:`calibrate` (``RUN/calibration.json``; ``FAnoGANModel.calibration``).
+    score : str, default 'A'
+        One of ``A_R``, ``A_D``, ``A``, ``z_distance``.
+
+    Returns
+    -------
+    ndarray
+        Percentage of held-out normal scores less than or equal to each value.
+
+    Examples
+    --------
+    >>> cal = calibrate({k: np.arange(1.0, 101.0) for k in SCORE_NAMES})
+    >>> calibration_percentile([0.5, 50, 1000], cal).tolist()
+    [0.0, 50.0, 100.0]
+    """
+    ref = np.asarray(calibration["scores"][score]["sorted"], dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64)
+    return 100.0 * np.searchsorted(ref, v, side="right") / ref.size
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring a store split
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScoreResult:
+    """What :func:`score_store` did.
+
+    Attributes
+    ----------
+    path : Path
+        The CSV file.
+    n_patches : int
+        Rows written.
+    seconds : float
+        Wall time.
+    device, precision : str
+        Where and how it ran.
+    """
+
+    path: Path
+    n_patches: int
+    seconds: float
+    device: str
+    precision: str
+
+
+def _open_patches(store: Path, split: str) -> Any:
+    import zarr
+
+    path = store / "patches" / split
+    if not (path / "zarr.json").exists():
+        raise OctpipeError(f"no patches/{split} in the store; run octpipe patches first", store)
+    return zarr.open_group(str(path), mode="r")
+
+
+def score_store(
+    store: str | Path,
+    model: str | Path | FAnoGANModel,
+    split: str,
+    out_csv: str | Path,
+    *,
+    batch_size: int = 256,
+    device: str = "auto",
+    precision: str = "auto",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> ScoreResult:
+    """Score every patch of ``STORE/patches/<split>`` in order and write one CSV row per patch.
+
+    The patches are streamed one Zarr chunk at a time (the next chunk is read in a background
+    thread while the current one is scored). Columns: ``volume_id, bscan, row, col, label, A_R,
+    A_D, A, z_distance``; a sidecar ``<out_csv>.json`` records the model, split, device,
+    precision, octpipe version and git hash.
+
+    Parameters
+    ----------
+    store : str or Path
+        A store with patches.
+    model : str, Path or FAnoGANModel
+        A run directory or a loaded model.
+    split : str
+        Patch split to score (usually ``'test'``).
+    out_csv : str or Path
+        Output CSV; written atomically.
+    batch_size : int, default 256
+        Patches per forward pass.
+    device : str, default 'auto'
+        ``auto``, ``cpu`` or ``cuda``.
+    precision : str, default 'auto'
+        See :func:`score_patches`.
+    overwrite : bool, default False
+        Replace an existing ``out_csv``.
+    progress : bool, default False
+        Show a progress bar.
+
+    Returns
+    -------
+    ScoreResult
+
+    Raises
+    ------
+    OctpipeError
+        If the split is missing, the patch size does not match the model, the model has no
+        encoder, or ``out_csv`` exists and ``overwrite`` is False.
+    """
+    t0 = time.perf_counter()
+    store = Path(store)
+    out_csv = Path(out_csv)
+    if out_csv.exists() and not overwrite:
+        raise OctpipeError("output exists; pass --overwrite to replace it", out_csv)
+    group = _open_patches(store, split)
+    fanogan = model if isinstance(model, FAnoGANModel) else load_run(model)
+    _require_encoder(fanogan)
+    xs, index, labels = group["x"], group["index"], group["label"]
+    n = int(xs.shape[0])
+    if xs.shape[1:] != (fanogan.image_size, fanogan.image_size):
+        raise OctpipeError(f"patches are {tuple(xs.shape[1:])} pixels but the model expects "
+                           f"{fanogan.image_size}×{fanogan.image_size}", store)
+    volumes = list(group.attrs.get("volumes", []))
+    dev, prec, fmt = _setup(fanogan, device, precision, "auto")
+    step = max(int(xs.chunks[0]), batch_size)
+
+    def read(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        stop = min(start + step, n)
+        return np.asarray(xs[start:stop], dtype=np.float32), index[start:stop], labels[start:stop]
+
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_csv.with_name(f".{out_csv.name}.{uuid.uuid4().hex[:8]}.tmp")
+    bar = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        task = bar.add_task(f"score {split}", total=n)
+        bar.start()
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh, ThreadPoolExecutor(1) as pool:
+            writer = csv.writer(fh)
+            writer.writerow(CSV_COLUMNS)
+            starts = list(range(0, n, step))
+            pending = pool.submit(read, starts[0]) if starts else None
+            for i in range(len(starts)):
+                x, idx, lab = pending.result()  # type: ignore[union-attr]
+                pending = pool.submit(read, starts[i + 1]) if i + 1 < len(starts) else None
+                parts = []
+                with torch.inference_mode():
+                    for batch in _rebatch(x, batch_size, fanogan.config.model.channels):
+                        parts.append(_score_batch(fanogan, _to_device(batch, dev, fmt), prec, dev).cpu())
+                table = torch.cat(parts, dim=1).numpy()
+                for j in range(len(x)):
+                    v = int(idx[j, 0])
+                    vid = volumes[v] if 0 <= v < len(volumes) else str(v)
+                    writer.writerow([vid, int(idx[j, 1]), int(idx[j, 2]), int(idx[j, 3]), int(lab[j]),
+                                     *(f"{table[k, j]:.9g}" for k in range(4))])
+                if bar:
+                    bar.advance(task, len(x))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out_csv)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if bar:
+            bar.stop()
+    seconds = round(time.perf_counter() - t0, 3)
+    meta = {**provenance(), "store": str(store), "split": split, "model": str(fanogan.run_dir),
+            "n_patches": n, "batch_size": batch_size, "device": str(dev), "precision": prec,
+            "kappa": fanogan.kappa, "seconds": seconds, "columns": list(CSV_COLUMNS)}
+    write_text_atomic(out_csv.with_name(out_csv.name + ".json"), json.dumps(meta, indent=2) + "\n")
+    return ScoreResult(path=out_csv, n_patches=n, seconds=seconds, device=str(dev), precision=prec)

@@ -1,0 +1,1206 @@
+"""f-AnoGAN training: WGAN-GP (stage ``gan``), then the encoder (stage ``encoder``).
+
+Follows FANOGAN-SPEC.md §1.3-1.4 (see :mod:`octpipe.models.fanogan.config` for every setting):
+
+- **GAN**: Adam 1e-4, betas (0, 0.9) for G and D; gradient penalty λ = 10; 5 critic steps per
+  generator step, each on a new real batch and new noise; z ~ N(0, I); random horizontal flips.
+  The loop is the official one: each outer iteration is one G step (skipped the very first time)
+  followed by ``critic_iters`` D steps. The length counts critic steps (official f-AnoGAN) or outer
+  iterations (igul222), and both counters are logged. G runs in training mode (batch statistics)
+  in both steps, but its BatchNorm moving averages are updated only in the generator step.
+- **Encoder**: izi_f (default, κ = 1), izi or ziz; TF1 RMSProp; G in eval mode, G and D frozen;
+  tanh or linear output; validation loss on held-out normal patches; then the held-out normal
+  patches are scored and summarised in ``RUN/calibration.json`` and ``RUN/model.pt``.
+
+Reproducibility and resuming
+    Every random draw is a function of the seed and the step: the data order of an epoch is a
+    seeded permutation (chunk windows, then patches within a window), flips come with it, and the
+    noise of each step comes from a generator re-seeded with (seed, stage, rank, step). A
+    checkpoint stores weights, optimiser states, counters, the data position, the global RNG
+    states and the elapsed time, so a resumed run reproduces the losses of an uninterrupted run
+    with the same seed (bit for bit on CPU with the same thread count).
+
+Safety
+    Losses stay on the device between log points; at each log point (and before every
+    checkpoint) they are checked, and a non-finite loss, a Wasserstein estimate beyond
+    ``gan.max_wasserstein`` or an encoder loss beyond ``encoder.max_loss`` stops the run with
+    :class:`TrainingDiverged`. The bad state is never saved: the last checkpoint stays the last
+    good one.
+
+Several processes
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialised (gloo on CPU, NCCL on
+    CUDA), G and D (or E) are wrapped in ``DistributedDataParallel``, every process takes its own
+    slice of each global batch and uses its own noise, and only rank 0 writes files. ``batch_size``
+    is per process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from octpipe.errors import ConfigError, OctpipeError
+from octpipe.models.fanogan.checkpoint import (
+    CHECKPOINT_FORMAT,
+    FAnoGANModel,
+    RunPaths,
+    build_networks,
+    capture_rng_state,
+    check_resume_config,
+    load_checkpoint,
+    provenance,
+    restore_rng_state,
+    save_atomic,
+    write_text_atomic,
+)
+from octpipe.models.fanogan.config import FAnoGANConfig, save_config
+from octpipe.models.fanogan.losses import (
+    izi_loss,
+    izif_loss,
+    wgan_generator_loss,
+    wgan_gp_critic_loss,
+    ziz_loss,
+)
+from octpipe.models.fanogan.networks import Generator, bn_stat_updates
+from octpipe.models.fanogan.optim import RMSpropTF
+from octpipe.models.fanogan.score import (
+    calibrate,
+    precision_context,
+    resolve_device,
+    resolve_precision,
+    score_patches,
+)
+
+__all__ = ["LOG_COLUMNS", "STAGES", "TrainingDiverged", "train", "train_gan", "train_encoder"]
+
+#: Columns of ``RUN/log.csv`` (GAN rows leave ``step``, ``loss`` and ``val_loss`` empty; encoder
+#: rows leave the GAN columns empty).
+LOG_COLUMNS = ("stage", "critic_step", "generator_step", "step", "d_loss", "g_loss", "wasserstein", "gp",
+               "loss", "val_loss", "seconds")
+#: Training stages, in order.
+STAGES = ("gan", "encoder")
+
+# Stream ids that keep the seeded random streams of different purposes apart.
+_S_GAN_DATA, _S_ENC_DATA, _S_CRITIC, _S_GEN, _S_ENC, _S_SAMPLES, _S_VAL, _S_SPLIT, _S_INIT = range(1, 10)
+
+
+class TrainingDiverged(OctpipeError):
+    """Training produced a non-finite or out-of-bounds loss; the last good checkpoint is kept."""
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds
+# --------------------------------------------------------------------------------------------
+def _seed(*parts: int) -> int:
+    """A 63-bit seed derived from integers (NumPy ``SeedSequence``)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+# --------------------------------------------------------------------------------------------
+# Process group and runtime settings
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def _distributed(device_name: str) -> _Dist:
+    """Join the default process group, creating it under ``torchrun`` (``WORLD_SIZE`` > 1).
+
+    A group created here lives until the process exits (it is destroyed by an ``atexit`` hook):
+    re-creating the default group after destroying it can hang with ``env://`` rendezvous, and
+    ``stage='all'`` trains two stages in one process.
+    """
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    if not dist.is_initialized():
+        use_cuda = device_name != "cpu" and torch.cuda.is_available()
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        atexit.register(_destroy_group)
+    return _Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _destroy_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class _Runtime:
+    device: torch.device
+    precision: str
+    memory_format: torch.memory_format
+    compile: bool
+    dist: _Dist
+
+    @property
+    def channels_last(self) -> bool:
+        return self.memory_format == torch.channels_last
+
+    def amp(self) -> Any:
+        return precision_context(self.precision, self.device)
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": str(self.device), "precision": self.precision, "channels_last": self.channels_last,
+                "compile": self.compile, "world_size": self.dist.world}
+
+
+@contextmanager
+def _runtime(config: FAnoGANConfig) -> Iterator[_Runtime]:
+    rt = config.runtime
+    with ExitStack() as stack:
+        d = _distributed(rt.device)
+        device = resolve_device(rt.device)
+        if device.type == "cuda":
+            if d.active:
+                device = torch.device("cuda", d.local_rank)
+            torch.cuda.set_device(device)
+        if rt.threads:
+            old_threads = torch.get_num_threads()
+            torch.set_num_threads(rt.threads)
+            stack.callback(torch.set_num_threads, old_threads)
+        if rt.deterministic:
+            old_det = torch.are_deterministic_algorithms_enabled()
+            old_cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+            stack.callback(torch.use_deterministic_algorithms, old_det)
+            stack.callback(setattr, torch.backends.cudnn, "deterministic", old_cudnn[0])
+            stack.callback(setattr, torch.backends.cudnn, "benchmark", old_cudnn[1])
+        channels_last = rt.channels_last if rt.channels_last != "auto" else True  # faster on CPU and CUDA
+        yield _Runtime(device=device, precision=resolve_precision(rt.precision, device, training=True),
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+                       compile=rt.compile, dist=d)
+
+
+def _barrier(d: _Dist) -> None:
+    if d.active:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _all_mean(t: torch.Tensor, d: _Dist) -> torch.Tensor:
+    if not d.active:
+        return t
+    import torch.distributed as dist
+
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / d.world
+
+
+def _place(module: nn.Module, rt: _Runtime) -> nn.Module:
+    """Move ``module`` to the device and memory format of the run.
+
+    With channels_last, weights that have a size-1 channel or kernel dimension (the 1-channel
+    input convolutions, the 1x1 shortcuts) are laid out the same either way, but their formal
+    strides differ; they are kept in the canonical contiguous strides that autograd gives their
+    gradients (also through the gradient penalty's double backward), so that DDP's gradient
+    buckets match them (otherwise it warns "Grad strides do not match bucket view strides").
+    """
+    module.to(rt.device, memory_format=rt.memory_format)
+    if rt.channels_last:
+        for p in module.parameters():
+            if p.ndim == 4 and 1 in p.shape[1:]:
+                p.data = p.data.clone(memory_format=torch.contiguous_format)
+    return module
+
+
+def _ddp(module: nn.Module, rt: _Runtime) -> nn.Module:
+    if not rt.dist.active:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [rt.device.index] if rt.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids)
+
+
+def _maybe_compile(module: Any, rt: _Runtime) -> Any:
+    return torch.compile(module) if rt.compile else module
+
+
+# --------------------------------------------------------------------------------------------
+# Patch data: deterministic, chunk-friendly batches with a resumable position
+# --------------------------------------------------------------------------------------------
+class _PatchSource:
+    """One patch split of a store: labels and indices in memory, patches read chunk by chunk."""
+
+    def __init__(self, store: Path, split: str, *, cache_chunks: int = 9) -> None:
+        import zarr
+
+        path = store / "patches" / split
+        if not (path / "zarr.json").exists():
+            raise OctpipeError(f"no patches/{split} in the store; run octpipe patches first", store)
+        group = zarr.open_group(str(path), mode="r")
+        self.split = split
+        self.x = group["x"]
+        self.n = int(self.x.shape[0])
+        self.chunk = int(self.x.chunks[0])
+        self.patch_size = tuple(int(s) for s in self.x.shape[1:])
+        self.labels = np.asarray(group["label"][...])
+        self.volume_numbers = np.asarray(group["index"][:, 0]) if self.n else np.zeros(0, np.int32)
+        self.cache_chunks = cache_chunks
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def _chunk_data(self, c: int) -> np.ndarray:
+        data = self._cache.get(c)
+        if data is None:
+            data = np.asarray(self.x[c * self.chunk:min((c + 1) * self.chunk, self.n)])
+            self._cache[c] = data
+            while len(self._cache) > self.cache_chunks:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(c)
+        return data
+
+    def read(self, idx: np.ndarray) -> np.ndarray:
+        """Patches ``idx`` (any order) as float32 ``(len(idx), H, W)``."""
+        out = np.empty((len(idx), *self.patch_size), np.float32)
+        chunks = idx // self.chunk
+        for c in np.unique(chunks):
+            sel = chunks == c
+            out[sel] = self._chunk_data(int(c))[idx[sel] - int(c) * self.chunk]
+        return out
+
+
+def _holdout(source: _PatchSource, config: FAnoGANConfig, store: Path) -> tuple[np.ndarray, _PatchSource | None,
+                                                                                  np.ndarray, str]:
+    """Training indices, and the held-out normal source and indices (``data`` section)."""
+    data = config.data
+    normal = np.flatnonzero(source.labels != 1)  # label 0, or -1 when unknown-health volumes were included
+    if data.val_split is not None:
+        val_source = _PatchSource(store, data.val_split)
+        val_idx = np.flatnonzero(val_source.labels == 0)
+        return normal, val_source, val_idx, f"label-0 patches of split {data.val_split!r}"
+    if data.val_fraction == 0 or len(normal) == 0:
+        return normal, None, np.zeros(0, np.int64), "none"
+    rng = np.random.default_rng(_seed(config.runtime.seed, _S_SPLIT))
+    if data.val_unit == "volume":
+        vols = np.unique(source.volume_numbers[normal])
+        if len(vols) < 2:
+            raise ConfigError(f"data.val_unit 'volume' needs at least 2 volumes in split {data.split!r}, found "
+                              f"{len(vols)}; use val_unit: patch or a val_split")
+        n_val = min(len(vols) - 1, max(1, round(data.val_fraction * len(vols))))
+        held = np.sort(rng.choice(vols, n_val, replace=False))
+        is_val = np.isin(source.volume_numbers[normal], held)
+        what = f"{n_val} of {len(vols)} volumes of split {data.split!r}"
+    else:
+        n_val = min(len(normal) - 1, max(1, round(data.val_fraction * len(normal))))
+        is_val = np.zeros(len(normal), bool)
+        is_val[rng.choice(len(normal), n_val, replace=False)] = True
+        what = f"{n_val} of {len(normal)} patches of split {data.split!r}"
+    return normal[~is_val], source, normal[is_val], what
+
+
+class _BatchStream:
+    """Deterministic batches over ``indices`` with a saved position.
+
+    The order of epoch ``e`` depends only on (seed, stream, e): the chunks are visited in a seeded
+    random order, ``window`` chunks at a time, and the patches of each window are shuffled; each
+    position also gets a seeded flip. A global batch is ``batch_size × world`` consecutive
+    positions, of which rank ``r`` takes the ``r``-th slice; the last incomplete global batch of an
+    epoch is dropped.
+    """
+
+    def __init__(self, source: _PatchSource, indices: np.ndarray, *, batch_size: int, d: _Dist, seed: int,
+                 stream: int, hflip: bool, window: int) -> None:
+        self.source = source
+        self.indices = np.asarray(indices, np.int64)
+        self.batch_size = batch_size
+        self.d = d
+        self.seed = seed
+        self.stream = stream
+        self.hflip = hflip
+        self.window = window
+        self.per_step = batch_size * d.world
+        if len(self.indices) < self.per_step:
+            raise OctpipeError(f"split {source.split!r} has {len(self.indices)} training patches, fewer than one "
+                               f"batch of {batch_size} × {d.world} process(es); lower the batch size")
+        self.epoch = 0
+        self.offset = 0
+        self._order: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._order is None or self._order[0] != epoch:
+            rng = np.random.default_rng(_seed(self.seed, self.stream, epoch))
+            chunk_of = self.indices // self.source.chunk
+            chunks = np.unique(chunk_of)
+            rank = np.empty(int(chunks.max()) + 1, np.int64)
+            rank[rng.permutation(chunks)] = np.arange(len(chunks))
+            window_of = rank[chunk_of] // self.window
+            order = self.indices[np.lexsort((rng.random(len(self.indices)), window_of))]
+            flips = rng.random(len(order)) < 0.5
+            self._order = (epoch, order, flips)
+        return self._order[1], self._order[2]
+
+    def next(self) -> np.ndarray:
+        """The next batch of this rank, float32 ``(batch_size, 1, H, W)``."""
+        if self.offset + self.per_step > len(self.indices):
+            self.epoch += 1
+            self.offset = 0
+        order, flips = self._epoch_order(self.epoch)
+        start = self.offset + self.d.rank * self.batch_size
+        sl = slice(start, start + self.batch_size)
+        x = self.source.read(order[sl])
+        if self.hflip:
+            f = flips[sl]
+            x[f] = x[f][:, :, ::-1]
+        self.offset += self.per_step
+        return x[:, None]
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+
+def _to_device(x: np.ndarray, rt: _Runtime) -> torch.Tensor:
+    return torch.from_numpy(x).to(rt.device).contiguous(memory_format=rt.memory_format)
+
+
+# --------------------------------------------------------------------------------------------
+# Logging, samples, progress
+# --------------------------------------------------------------------------------------------
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.7g}"
+
+
+class _Log:
+    """``RUN/log.csv`` (rank 0 only), optional TensorBoard, and the progress bar."""
+
+    def __init__(self, paths: RunPaths, stage: str, *, keep: Callable[[dict[str, str]], bool], enabled: bool,
+                 tensorboard: bool, progress: bool, total: int, done: int) -> None:
+        self.enabled = enabled
+        self.stage = stage
+        self._fh = None
+        self._writer = None
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        rows: list[dict[str, str]] = []
+        if paths.log.is_file():
+            with open(paths.log, newline="", encoding="utf-8") as fh:
+                rows = [r for r in csv.DictReader(fh) if keep(r)]
+        # Rewrite without the rows this run replaces (a resumed run drops rows after its checkpoint).
+        lines = [",".join(LOG_COLUMNS)] + [",".join(r.get(c, "") or "" for c in LOG_COLUMNS) for r in rows]
+        write_text_atomic(paths.log, "\n".join(lines) + "\n")
+        self._fh = open(paths.log, "a", newline="", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._writer = csv.writer(self._fh)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(paths.tensorboard))
+        if progress:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[losses]}"))
+            self._task = self._bar.add_task(stage, total=total, completed=done, losses="")
+            self._bar.start()
+
+    def write(self, row: dict[str, float | int | str | None], tb_step: int) -> None:
+        if not self.enabled:
+            return
+        self._writer.writerow([_fmt(v) if isinstance(v, float) or v is None else v  # type: ignore[union-attr]
+                               for v in (row.get(c) for c in LOG_COLUMNS)])
+        if self._tb is not None:
+            for key in ("d_loss", "g_loss", "wasserstein", "gp", "loss", "val_loss"):
+                v = row.get(key)
+                if isinstance(v, float) and math.isfinite(v):
+                    self._tb.add_scalar(f"{self.stage}/{key}", v, tb_step)
+
+    def progress(self, done: int, text: str | None = None) -> None:
+        if self._bar is not None:
+            if text is None:
+                self._bar.update(self._task, completed=done)
+            else:
+                self._bar.update(self._task, completed=done, losses=text)
+
+    def flush(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    x = images.detach().float().cpu().clamp(-1, 1)
+    return ((x + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def _save_grid(images: torch.Tensor, path: Path, ncol: int) -> None:
+    """Tile ``(N, C, H, W)`` images in [-1, 1] into a PNG (first channel), 2-pixel grey gaps."""
+    from PIL import Image
+
+    x = _to_uint8(images)[:, 0]
+    n, h, w = x.shape
+    nrow = -(-n // ncol)
+    gap = 2
+    canvas = np.full((nrow * (h + gap) + gap, ncol * (w + gap) + gap), 128, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        canvas[gap + r * (h + gap):gap + r * (h + gap) + h, gap + c * (w + gap):gap + c * (w + gap) + w] = x[i]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(canvas).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _prior(n: int, dim: int, prior: str, gen: torch.Generator) -> torch.Tensor:
+    if prior == "uniform":
+        return torch.rand(n, dim, generator=gen) * 2 - 1
+    return torch.randn(n, dim, generator=gen)
+
+
+@torch.no_grad()
+def _write_samples(g: Generator, path: Path, seed: int, prior: str, n: int = 64) -> None:
+    """A grid of G(z) for fixed z (eval mode; no training RNG or BN statistics are touched)."""
+    was_training = g.training
+    gen = torch.Generator().manual_seed(_seed(seed, _S_SAMPLES))
+    z = _prior(n, g.latent_dim, prior, gen).to(next(g.parameters()).device)
+    g.eval()
+    try:
+        _save_grid(g(z), path, ncol=int(math.ceil(math.sqrt(n))))
+    finally:
+        g.train(was_training)
+
+
+@torch.no_grad()
+def _write_interpolation(g: Generator, path: Path, seed: int, prior: str, rows: int = 8, steps: int = 10) -> None:
+    """Paper Fig. 5: each row is G(z_a + t·(z_b − z_a)) for t from 0 to 1."""
+    was_training = g.training
+    gen = torch.Generator().manual_seed(_seed(seed, _S_SAMPLES, 1))
+    za = _prior(rows, g.latent_dim, prior, gen)
+    zb = _prior(rows, g.latent_dim, prior, gen)
+    t = torch.linspace(0, 1, steps)[None, :, None]
+    z = (za[:, None] + t * (zb - za)[:, None]).reshape(rows * steps, -1).to(next(g.parameters()).device)
+    g.eval()
+    try:
+        _save_grid(g(z), path, ncol=steps)
+    finally:
+        g.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------
+# Run directory bookkeeping
+# --------------------------------------------------------------------------------------------
+def _update_run_json(paths: RunPaths, store: Path, stage: str, info: dict[str, Any]) -> None:
+    data: dict[str, Any] = {}
+    if paths.run_json.is_file():
+        try:
+            data = json.loads(paths.run_json.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            data = {}
+    data.update({**provenance(), "store": str(store)})
+    data.setdefault("stages", {}).setdefault(stage, {}).update(info)
+    write_text_atomic(paths.run_json, json.dumps(data, indent=2) + "\n")
+
+
+def _write_config(paths: RunPaths, config: FAnoGANConfig) -> None:
+    p = provenance()
+    save_config(config, paths.config, header=f"resolved f-AnoGAN config written by octpipe {p['octpipe_version']} "
+                                             f"(git {p['git_hash']}) on {p['created']}")
+
+
+def _params_finite(*modules: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for m in modules for p in m.parameters())
+
+
+def _checkpoint_base(stage: str, config: FAnoGANConfig, rt: _Runtime) -> dict[str, Any]:
+    return {"format": CHECKPOINT_FORMAT, "stage": stage, **provenance(), "config": config.to_dict(),
+            "runtime": rt.describe()}
+
+
+def _stage_inputs(store: str | Path, run_dir: str | Path, config: FAnoGANConfig | None
+                  ) -> tuple[Path, RunPaths, FAnoGANConfig, _PatchSource]:
+    config = config or FAnoGANConfig()
+    store = Path(store)
+    source = _PatchSource(store, config.data.split)
+    size = config.model.image_size
+    if source.patch_size != (size, size):
+        raise ConfigError(f"patches of split {config.data.split!r} are {source.patch_size[0]}×{source.patch_size[1]} "
+                          f"pixels but model.image_size is {size}")
+    if config.model.channels != 1:
+        raise ConfigError(f"patch stores hold single-channel patches; model.channels must be 1, got "
+                          f"{config.model.channels}")
+    if config.runtime.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("runtime.tensorboard is true but the tensorboard package is not installed "
+                              "(pip install tensorboard)") from None
+    return store, RunPaths(Path(run_dir)), config, source
+
+
+# --------------------------------------------------------------------------------------------
+# GAN stage
+# --------------------------------------------------------------------------------------------
+def train_gan(
+    store: str | Path,
+    run_dir: str | Path,
+    config: FAnoGANConfig | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train the WGAN-GP generator and critic on the normal patches of a store.
+
+    Parameters
+    ----------
+    store : str or Path
+        A store with ``patches/<config.data.split>`` (patches labelled 1, a lesion, are never used).
+    run_dir : str or Path
+        The run directory (created). See :mod:`octpipe.models.fanogan.checkpoint` for its layout.
+    config : FAnoGANConfig, optional
+        Settings; the official ones by default.
+    resume : bool, default False
+        Continue from ``checkpoints/gan-last.pt`` (starts afresh when there is none). Only the
+        length, output cadence and runtime settings may differ from the checkpoint's config.
+    overwrite : bool, default False
+        Delete the run directory's previous contents and start again.
+    progress : bool, default False
+        Show a progress bar with the losses and the Wasserstein estimate (rank 0).
+
+    Returns
+    -------
+    dict
+        ``stage``, ``critic_step``, ``generator_step``, ``resumed_from`` (critic step or None),
+        ``checkpoint``, ``last`` (the last logged losses), ``seconds``, ``runtime``, ``held_out``.
+
+    Raises
+    ------
+    OctpipeError
+        If the run already has a GAN checkpoint and neither ``resume`` nor ``overwrite`` is set,
+        or the store lacks the patches.
+    ConfigError
+        If the settings do not fit the data, or differ from the checkpoint's when resuming.
+    TrainingDiverged
+        If a loss becomes non-finite or leaves its bound (the last good checkpoint is kept).
+    """
+    store, paths, config, source = _stage_inputs(store, run_dir, config)
+    with _runtime(config) as rt:
+        return _GANTrainer(store, paths, config, source, rt, resume=resume, overwrite=overwrite,
+                           progress=progress).run()
+
+
+class _GANTrainer:
+    def __init__(self, store: Path, paths: RunPaths, config: FAnoGANConfig, source: _PatchSource, rt: _Runtime, *,
+                 resume: bool, overwrite: bool, progress: bool) -> None:
+        self.store, self.paths, self.config, self.rt = store, paths, config, rt
+        self.cfg = config.gan
+        self.seed = config.runtime.seed
+        self.progress_enabled = progress
+        d = rt.dist
+        ckpt_path = paths.checkpoint("gan")
+        ckpt = None
+        if ckpt_path.is_file() and not overwrite:
+            if not resume:
+                raise OctpipeError("the run already has a GAN checkpoint; pass --resume to continue it or "
+                                   "--overwrite to start again", paths.root)
+            ckpt = load_checkpoint(ckpt_path)
+            check_resume_config(ckpt["config"], config, ("model", "data", "gan", "runtime"))
+        _barrier(d)  # every rank has read the checkpoint before rank 0 may delete it
+        if d.main:
+            if overwrite and paths.root.exists():
+                shutil.rmtree(paths.root)
+            paths.root.mkdir(parents=True, exist_ok=True)
+            _write_config(paths, config)
+        _barrier(d)
+
+        train_idx, _, val_idx, self.held_out = _holdout(source, config, store)
+        self.n_train, self.n_val = len(train_idx), len(val_idx)
+        self.stream = _BatchStream(source, train_idx, batch_size=self.cfg.batch_size, d=d, seed=self.seed,
+                                   stream=_S_GAN_DATA, hflip=self.cfg.hflip, window=config.data.shuffle_chunks)
+
+        torch.manual_seed(_seed(self.seed, _S_INIT))
+        g, dnet, _ = build_networks(config)
+        self.critic_step = 0
+        self.generator_step = 0
+        self.elapsed = 0.0
+        if ckpt is not None:
+            g.load_state_dict(ckpt["generator"])
+            dnet.load_state_dict(ckpt["discriminator"])
+            self.critic_step = int(ckpt["counters"]["critic_step"])
+            self.generator_step = int(ckpt["counters"]["generator_step"])
+            self.elapsed = float(ckpt["counters"].get("seconds", 0.0))
+            self.stream.load_state(ckpt["data"])
+        self.resumed_from = self.critic_step if ckpt is not None else None
+        self.g = _place(g, rt).train()
+        self.d = _place(dnet, rt).train()
+        betas = self.cfg.betas
+        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=self.cfg.lr, betas=betas)
+        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=self.cfg.lr, betas=betas)
+        if ckpt is not None:
+            self.opt_g.load_state_dict(ckpt["optimizers"]["generator"])
+            self.opt_d.load_state_dict(ckpt["optimizers"]["discriminator"])
+            restore_rng_state(ckpt["rng"])
+        self.last_good = ckpt_path if ckpt is not None else None
+        # Training views: DDP for gradient sync, torch.compile for G only (D needs double backward).
+        self.g_train = _maybe_compile(_ddp(self.g, rt), rt)
+        self.g_sample = _maybe_compile(self.g, rt)
+        self.d_train = _ddp(self.d, rt)
+        self.noise = torch.Generator()
+        self.pending: list[tuple[int, int, bool, torch.Tensor, float]] = []
+        self.last: dict[str, float | None] = {}
+
+    # ---- steps -------------------------------------------------------------------------------
+    def _z(self, stream: int, step: int) -> torch.Tensor:
+        self.noise.manual_seed(_seed(self.seed, stream, self.rt.dist.rank, step))
+        z = _prior(self.cfg.batch_size, self.config.model.latent_dim, self.cfg.prior, self.noise)
+        return z.to(self.rt.device, non_blocking=True)
+
+    def _critic_step(self) -> torch.Tensor:
+        real = _to_device(self.stream.next(), self.rt)
+        z = self._z(_S_CRITIC, self.critic_step)  # also seeds the α draws of the penalty
+        with torch.no_grad(), bn_stat_updates(self.g, enabled=False), self.rt.amp():
+            fake = self.g_sample(z)
+        fake = fake.float().contiguous(memory_format=self.rt.memory_format)
+        with self.rt.amp():
+            loss, stats = wgan_gp_critic_loss(self.d_train, real, fake, gp_weight=self.cfg.gp_weight,
+                                              generator=self.noise)
+        self.opt_d.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_d.step()
+        return torch.stack([loss.detach().float(), stats["wasserstein"].float(),
+                            stats["gradient_penalty"].float()])
+
+    def _generator_step(self) -> torch.Tensor:
+        z = self._z(_S_GEN, self.generator_step)
+        self.d.requires_grad_(False)
+        try:
+            with self.rt.amp():
+                loss = wgan_generator_loss(self.d, self.g_train(z))
+            self.opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt_g.step()
+        finally:
+            self.d.requires_grad_(True)
+        return loss.detach().float()
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+    def _units(self, critic_step: int) -> int:
+        return critic_step if self.cfg.count == "critic" else critic_step // self.cfg.critic_iters
+
+    def _crossed(self, before: int, after: int, every: int) -> bool:
+        return every > 0 and self._units(after) // every > self._units(before) // every
+
+    def _flush(self, log: _Log, t0: float) -> None:
+        if not self.pending:
+            return
+        values = _all_mean(torch.stack([p[3] for p in self.pending]), self.rt.dist).cpu().tolist()
+        bad = None
+        for (c, gs, has_g, _, t), (d_loss, w, gp, g_loss) in zip(self.pending, values, strict=True):
+            row = {"stage": "gan", "critic_step": c, "generator_step": gs, "d_loss": d_loss,
+                   "g_loss": g_loss if has_g else None, "wasserstein": w, "gp": gp,
+                   "seconds": round(self.elapsed + t - t0, 3)}
+            log.write(row, c)
+            self.last = {"d_loss": d_loss, "g_loss": row["g_loss"], "wasserstein": w, "gp": gp}
+            finite = all(math.isfinite(v) for v in (d_loss, w, gp) + ((g_loss,) if has_g else ()))
+            if not finite or abs(w) > self.cfg.max_wasserstein:
+                bad = (c, gs, finite, d_loss, row["g_loss"], w, gp)
+                break
+        self.pending.clear()
+        log.flush()
+        if bad is not None:
+            c, gs, finite, d_loss, g_loss, w, gp = bad
+            what = "a non-finite loss" if not finite else \
+                f"|Wasserstein estimate| > gan.max_wasserstein ({self.cfg.max_wasserstein:g})"
+            keep = (f"last good checkpoint {self.last_good} is kept" if self.last_good
+                    else "no checkpoint was written")
+            raise TrainingDiverged(f"GAN training diverged at critic step {c} (generator step {gs}): {what} "
+                                   f"(d_loss={d_loss:.4g}, g_loss={_fmt(g_loss) or '-'}, wasserstein={w:.4g}, "
+                                   f"gp={gp:.4g}); {keep}")
+        log.progress(self.critic_step, f"D {self.last['d_loss']:.3f} G {_fmt(self.last['g_loss']) or '-'} "
+                                       f"W {self.last['wasserstein']:.3f} GP {self.last['gp']:.3f}")
+
+    def _save(self, log: _Log, t0: float, snapshot: bool) -> None:
+        self._flush(log, t0)
+        if not _params_finite(self.g, self.d):
+            raise TrainingDiverged(f"GAN training diverged at critic step {self.critic_step}: non-finite weights; "
+                                   f"last good checkpoint {self.last_good or '(none)'} is kept")
+        if self.rt.dist.main:
+            state = {
+                **_checkpoint_base("gan", self.config, self.rt),
+                "generator": self.g.state_dict(), "discriminator": self.d.state_dict(), "encoder": None,
+                "optimizers": {"generator": self.opt_g.state_dict(), "discriminator": self.opt_d.state_dict()},
+                "counters": {"critic_step": self.critic_step, "generator_step": self.generator_step,
+                             "seconds": round(self.elapsed + time.perf_counter() - t0, 3)},
+                "data": self.stream.state(), "rng": capture_rng_state(), "held_out": self.held_out,
+            }
+            save_atomic(state, self.paths.checkpoint("gan"))
+            if snapshot:
+                save_atomic(state, self.paths.checkpoint("gan", self.critic_step))
+        self.last_good = self.paths.checkpoint("gan")
+
+    # ---- loop ----------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg, rt, d = self.cfg, self.rt, self.rt.dist
+        total, k = cfg.total_critic_steps, cfg.critic_iters
+        if d.main:
+            _update_run_json(self.paths, self.store, "gan", {
+                "status": "running", **rt.describe(), "held_out": self.held_out, "n_train": self.n_train,
+                "n_held_out": self.n_val, "total_critic_steps": total, "count": cfg.count})
+        start_step = self.critic_step
+
+        def keep(row: dict[str, str]) -> bool:
+            return row.get("stage") != "gan" or (self.resumed_from is not None and row.get("critic_step", "") != ""
+                                                 and int(row["critic_step"]) <= self.resumed_from)
+
+        log = _Log(self.paths, "gan", keep=keep, enabled=d.main, tensorboard=self.config.runtime.tensorboard,
+                   progress=self.progress_enabled and d.main, total=total, done=self.critic_step)
+        t0 = time.perf_counter()
+        status = "interrupted"
+        try:
+            acc: torch.Tensor | None = None
+            n_acc = 0
+            g_loss: torch.Tensor | None = None
+            boundary = self.critic_step
+            while self.critic_step < total:
+                if self.critic_step > 0 and self.critic_step % k == 0:
+                    g_loss = self._generator_step()
+                    self.generator_step += 1
+                stats = self._critic_step()
+                self.critic_step += 1
+                acc = stats if acc is None else acc + stats
+                n_acc += 1
+                if self.critic_step % k and self.critic_step != total:
+                    continue
+                row = torch.cat([acc / n_acc, (g_loss if g_loss is not None else acc.new_full((), math.nan))[None]])
+                self.pending.append((self.critic_step, self.generator_step, g_loss is not None, row,
+                                     time.perf_counter()))
+                acc, n_acc, g_loss = None, 0, None
+                before, boundary = boundary, self.critic_step
+                final = self.critic_step == total
+                log.progress(self.critic_step)
+                if final or self._crossed(before, boundary, cfg.checkpoint_every):
+                    self._save(log, t0, snapshot=self._crossed(before, boundary, cfg.snapshot_every) or final)
+                elif self._crossed(before, boundary, cfg.log_every):
+                    self._flush(log, t0)
+                if d.main and (self._crossed(before, boundary, cfg.sample_every) or final and cfg.sample_every):
+                    _write_samples(self.g, self.paths.samples / f"gan-{self.critic_step:08d}.png", self.seed, cfg.prior)
+            if d.main:
+                _write_interpolation(self.g, self.paths.samples / "interpolation.png", self.seed, cfg.prior)
+            status = "complete"
+        except TrainingDiverged:
+            status = "diverged"
+            raise
+        except Exception:
+            status = "failed"
+            raise
+        finally:
+            log.close()
+            seconds = round(self.elapsed + time.perf_counter() - t0, 3)
+            if d.main:
+                _update_run_json(self.paths, self.store, "gan", {
+                    "status": status, "critic_step": self.critic_step, "generator_step": self.generator_step,
+                    "seconds": seconds})
+        _barrier(d)
+        return {"stage": "gan", "critic_step": self.critic_step, "generator_step": self.generator_step,
+                "resumed_from": self.resumed_from, "steps_run": self.critic_step - start_step,
+                "checkpoint": self.paths.checkpoint("gan"), "last": self.last, "seconds": seconds,
+                "runtime": rt.describe(), "held_out": self.held_out}
+
+
+# --------------------------------------------------------------------------------------------
+# Encoder stage
+# --------------------------------------------------------------------------------------------
+def train_encoder(
+    store: str | Path,
+    run_dir: str | Path,
+    config: FAnoGANConfig | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train the encoder against the run's frozen GAN, then calibrate the anomaly scores.
+
+    Parameters
+    ----------
+    store : str or Path
+        The store the GAN was trained on.
+    run_dir : str or Path
+        A run directory with ``checkpoints/gan-last.pt``.
+    config : FAnoGANConfig, optional
+        Settings. ``model``, ``data`` and ``runtime.seed`` must equal the GAN's (so the held-out
+        patches are the same ones).
+    resume : bool, default False
+        Continue from ``checkpoints/encoder-last.pt`` (starts afresh when there is none).
+    overwrite : bool, default False
+        Discard a previous encoder stage (checkpoints, log rows, calibration, model.pt).
+    progress : bool, default False
+        Show a progress bar (rank 0).
+
+    Returns
+    -------
+    dict
+        ``stage``, ``step``, ``resumed_from``, ``checkpoint``, ``last``, ``val_loss``,
+        ``calibration`` (path or None), ``bundle``, ``seconds``, ``runtime``, ``held_out``.
+
+    Raises
+    ------
+    OctpipeError
+        If the run has no GAN checkpoint, or already has an encoder checkpoint and neither
+        ``resume`` nor ``overwrite`` is set.
+    ConfigError
+        If the settings disagree with the GAN's or the checkpoint's.
+    TrainingDiverged
+        If the loss becomes non-finite or exceeds ``encoder.max_loss``.
+    """
+    store, paths, config, source = _stage_inputs(store, run_dir, config)
+    with _runtime(config) as rt:
+        return _EncoderTrainer(store, paths, config, source, rt, resume=resume, overwrite=overwrite,
+                               progress=progress).run()
+
+
+class _EncoderTrainer:
+    def __init__(self, store: Path, paths: RunPaths, config: FAnoGANConfig, source: _PatchSource, rt: _Runtime, *,
+                 resume: bool, overwrite: bool, progress: bool) -> None:
+        self.store, self.paths, self.config, self.rt = store, paths, config, rt
+        self.cfg = config.encoder
+        self.seed = config.runtime.seed
+        self.progress_enabled = progress
+        d = rt.dist
+        ckpt_path = paths.checkpoint("encoder")
+        ckpt = None
+        if ckpt_path.is_file() and not overwrite:
+            if not resume:
+                raise OctpipeError("the run already has an encoder checkpoint; pass --resume to continue it or "
+                                   "--overwrite to train it again", paths.root)
+            ckpt = load_checkpoint(ckpt_path)
+            check_resume_config(ckpt["config"], config, ("model", "data", "encoder", "runtime"))
+            source_ckpt = ckpt
+            gan_path = paths.checkpoint("gan")
+            if gan_path.is_file():
+                now = {k: int(v) for k, v in load_checkpoint(gan_path)["counters"].items()
+                       if k in ("critic_step", "generator_step")}
+                if now != ckpt.get("gan_steps", now):
+                    raise ConfigError(f"cannot resume the encoder: the GAN was trained further since it started "
+                                      f"(critic step {ckpt['gan_steps'].get('critic_step')} then, "
+                                      f"{now['critic_step']} now); train the encoder again with --stage encoder "
+                                      f"--overwrite")
+        else:
+            gan_path = paths.checkpoint("gan")
+            if not gan_path.is_file():
+                raise OctpipeError("the run has no GAN checkpoint (checkpoints/gan-last.pt); train the GAN stage "
+                                   "first", paths.root)
+            source_ckpt = load_checkpoint(gan_path)
+            saved, new = source_ckpt["config"], config.to_dict()
+            for section in ("model", "data"):
+                for key, value in saved[section].items():
+                    # the encoder's output constraint is the encoder's own choice
+                    if key != "encoder_output" and new[section].get(key) != value:
+                        raise ConfigError(f"{section}.{key} is {new[section].get(key)!r} but the GAN was trained "
+                                          f"with {value!r}")
+            if saved["runtime"]["seed"] != config.runtime.seed:
+                raise ConfigError(f"runtime.seed is {config.runtime.seed} but the GAN was trained with seed "
+                                  f"{saved['runtime']['seed']} (the held-out patches depend on it)")
+        self.gan_steps = {k: int(v) for k, v in source_ckpt.get("counters", {}).items()
+                          if k in ("critic_step", "generator_step")} if ckpt is None else ckpt.get("gan_steps", {})
+        _barrier(d)
+        if d.main:
+            paths.root.mkdir(parents=True, exist_ok=True)
+            if overwrite or ckpt is None:
+                for p in [*paths.checkpoints.glob("encoder-*.pt"), paths.calibration, paths.bundle]:
+                    p.unlink(missing_ok=True)
+            _write_config(paths, config)
+        _barrier(d)
+
+        train_idx, val_source, val_idx, self.held_out = _holdout(source, config, store)
+        self.val_source, self.val_idx = val_source, val_idx
+        self.n_train = len(train_idx)
+        self.stream = _BatchStream(source, train_idx, batch_size=self.cfg.batch_size, d=d, seed=self.seed,
+                                   stream=_S_ENC_DATA, hflip=self.cfg.hflip, window=config.data.shuffle_chunks)
+        torch.manual_seed(_seed(self.seed, _S_INIT, 2))
+        g, dnet, e = build_networks(config)
+        g.load_state_dict(source_ckpt["generator"])
+        dnet.load_state_dict(source_ckpt["discriminator"])
+        self.step = 0
+        self.elapsed = 0.0
+        if ckpt is not None:
+            e.load_state_dict(ckpt["encoder"])
+            self.step = int(ckpt["counters"]["step"])
+            self.elapsed = float(ckpt["counters"].get("seconds", 0.0))
+            self.stream.load_state(ckpt["data"])
+        self.resumed_from = self.step if ckpt is not None else None
+        self.g = _place(g, rt).eval().requires_grad_(False)
+        self.d = _place(dnet, rt).eval().requires_grad_(False)
+        self.e = _place(e, rt).train()
+        self.opt = RMSpropTF(self.e.parameters(), lr=self.cfg.lr, alpha=self.cfg.alpha, eps=self.cfg.eps)
+        if ckpt is not None:
+            self.opt.load_state_dict(ckpt["optimizers"]["encoder"])
+            restore_rng_state(ckpt["rng"])
+        self.last_good = ckpt_path if ckpt is not None else None
+        self.e_train = _maybe_compile(_ddp(self.e, rt), rt)
+        self.g_fwd = _maybe_compile(self.g, rt)
+        self.d_feat = _maybe_compile(self.d.features, rt)
+        self.noise = torch.Generator()
+        self.pending: list[tuple[int, torch.Tensor, float | None, float]] = []
+        self.last: dict[str, float | None] = {}
+        self.last_val: float | None = None
+
+    def _loss(self, x: torch.Tensor | None, z: torch.Tensor | None, encoder: Callable[[torch.Tensor], torch.Tensor]
+              ) -> torch.Tensor:
+        mode = self.cfg.mode
+        with self.rt.amp():
+            if mode == "ziz":
+                with torch.no_grad():
+                    x_gen = self.g_fwd(z).float().contiguous(memory_format=self.rt.memory_format)
+                return ziz_loss(z, encoder(x_gen).float())
+            x_rec = self.g_fwd(encoder(x)).float()
+            if mode == "izi":
+                return izi_loss(x, x_rec)
+            with torch.no_grad():
+                feat_x = self.d_feat(x).float()
+            return izif_loss(x, x_rec, feat_x, self.d_feat(x_rec).float(), kappa=self.cfg.kappa)
+
+    def _batch(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.cfg.mode == "ziz":
+            self.noise.manual_seed(_seed(self.seed, _S_ENC, self.rt.dist.rank, self.step))
+            z = _prior(self.cfg.batch_size, self.config.model.latent_dim, self.config.gan.prior, self.noise)
+            return None, z.to(self.rt.device)
+        return _to_device(self.stream.next(), self.rt), None
+
+    def _train_step(self) -> torch.Tensor:
+        x, z = self._batch()
+        loss = self._loss(x, z, self.e_train)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach().float()
+
+    @torch.no_grad()
+    def _validate(self) -> float | None:
+        """Mean loss over at most ``val_batches`` held-out batches (E in eval mode); rank 0 only."""
+        if not self.rt.dist.main:
+            return None
+        bs, nb = self.cfg.batch_size, self.cfg.val_batches
+        self.e.eval()
+        try:
+            losses = []
+            if self.cfg.mode == "ziz":
+                gen = torch.Generator().manual_seed(_seed(self.seed, _S_VAL))
+                for _ in range(nb):
+                    z = _prior(bs, self.config.model.latent_dim, self.config.gan.prior, gen).to(self.rt.device)
+                    losses.append(float(self._loss(None, z, self.e)))
+            else:
+                if self.val_source is None or len(self.val_idx) == 0:
+                    return None
+                for i in range(0, min(len(self.val_idx), bs * nb), bs):
+                    x = self.val_source.read(self.val_idx[i:i + bs])[:, None]
+                    losses.append(float(self._loss(_to_device(x, self.rt), None, self.e)))
+            return float(np.mean(losses))
+        finally:
+            self.e.train()
+
+    def _flush(self, log: _Log, t0: float) -> None:
+        if not self.pending:
+            return
+        values = _all_mean(torch.stack([p[1] for p in self.pending]), self.rt.dist).cpu().tolist()
+        bad = None
+        for (step, _, val, t), loss in zip(self.pending, values, strict=True):
+            log.write({"stage": "encoder", "step": step, "loss": loss, "val_loss": val,
+                       "seconds": round(self.elapsed + t - t0, 3)}, step)
+            self.last = {"loss": loss, "val_loss": val}
+            if not math.isfinite(loss) or loss > self.cfg.max_loss:
+                bad = (step, loss)
+                break
+        self.pending.clear()
+        log.flush()
+        if bad is not None:
+            what = "a non-finite loss" if not math.isfinite(bad[1]) else \
+                f"loss > encoder.max_loss ({self.cfg.max_loss:g})"
+            keep = (f"last good checkpoint {self.last_good} is kept" if self.last_good
+                    else "no checkpoint was written")
+            raise TrainingDiverged(f"encoder training diverged at step {bad[0]}: {what} (loss={bad[1]:.4g}); {keep}")
+        val = f" val {self.last_val:.4f}" if self.last_val is not None else ""
+        log.progress(self.step, f"{self.cfg.mode} {self.last['loss']:.4f}{val}")
+
+    def _state(self, t0: float) -> dict[str, Any]:
+        return {
+            **_checkpoint_base("encoder", self.config, self.rt),
+            "generator": self.g.state_dict(), "discriminator": self.d.state_dict(), "encoder": self.e.state_dict(),
+            "optimizers": {"encoder": self.opt.state_dict()},
+            "counters": {"step": self.step, "seconds": round(self.elapsed + time.perf_counter() - t0, 3)},
+            "gan_steps": self.gan_steps, "data": self.stream.state(), "rng": capture_rng_state(),
+            "held_out": self.held_out,
+        }
+
+    def _save(self, log: _Log, t0: float, snapshot: bool) -> None:
+        self._flush(log, t0)
+        if not _params_finite(self.e):
+            raise TrainingDiverged(f"encoder training diverged at step {self.step}: non-finite weights; last good "
+                                   f"checkpoint {self.last_good or '(none)'} is kept")
+        if self.rt.dist.main:
+            state = self._state(t0)
+            save_atomic(state, self.paths.checkpoint("encoder"))
+            if snapshot:
+                save_atomic(state, self.paths.checkpoint("encoder", self.step))
+        self.last_good = self.paths.checkpoint("encoder")
+
+    def _calibrate(self) -> tuple[Path | None, dict[str, Any] | None]:
+        if self.val_source is None or len(self.val_idx) == 0:
+            return None, None
+        model = FAnoGANModel(self.g, self.d, self.e, self.config)
+        src, idx, bs = self.val_source, self.val_idx, max(self.cfg.batch_size, 256)
+        blocks = (src.read(idx[i:i + bs])[:, None] for i in range(0, len(idx), bs))
+        scores = score_patches(model, blocks, batch_size=bs, device=self.rt.device, precision=self.rt.precision,
+                               channels_last=self.rt.channels_last)
+        self.e.train()  # score_patches put the networks in eval mode
+        self.g.eval()
+        cal = calibrate(scores, source=self.held_out)
+        cal.update({**provenance(), "kappa": self.cfg.kappa, "encoder_step": self.step})
+        write_text_atomic(self.paths.calibration, json.dumps(cal) + "\n")
+        return self.paths.calibration, cal
+
+    def run(self) -> dict[str, Any]:
+        cfg, rt, d = self.cfg, self.rt, self.rt.dist
+        total = cfg.iterations
+        if d.main:
+            _update_run_json(self.paths, self.store, "encoder", {
+                "status": "running", **rt.describe(), "mode": cfg.mode, "held_out": self.held_out,
+                "n_train": self.n_train, "n_held_out": int(len(self.val_idx)), "iterations": total,
+                "gan_steps": self.gan_steps})
+        start_step = self.step
+
+        def keep(row: dict[str, str]) -> bool:
+            return row.get("stage") != "encoder" or (self.resumed_from is not None and row.get("step", "") != ""
+                                                     and int(row["step"]) <= self.resumed_from)
+
+        log = _Log(self.paths, "encoder", keep=keep, enabled=d.main, tensorboard=self.config.runtime.tensorboard,
+                   progress=self.progress_enabled and d.main, total=total, done=self.step)
+        t0 = time.perf_counter()
+        status = "interrupted"
+        calibration_path = None
+        try:
+            while self.step < total:
+                before = self.step
+                loss = self._train_step()
+                self.step += 1
+                final = self.step == total
+                val = None
+                if final or (cfg.val_every and self.step // cfg.val_every > before // cfg.val_every):
+                    val = self.last_val = self._validate()
+                self.pending.append((self.step, loss, val, time.perf_counter()))
+                log.progress(self.step)
+                if final or self.step // cfg.checkpoint_every > before // cfg.checkpoint_every:
+                    snap = final or (cfg.snapshot_every > 0 and self.step // cfg.snapshot_every >
+                                     before // cfg.snapshot_every)
+                    self._save(log, t0, snapshot=snap)
+                elif self.step // cfg.log_every > before // cfg.log_every:
+                    self._flush(log, t0)
+            if d.main:
+                calibration_path, cal = self._calibrate()
+                bundle = {**_checkpoint_base("bundle", self.config, self.rt), "generator": self.g.state_dict(),
+                          "discriminator": self.d.state_dict(), "encoder": self.e.state_dict(),
+                          "calibration": cal, "counters": {"step": self.step, **self.gan_steps}}
+                save_atomic(bundle, self.paths.bundle)
+            status = "complete"
+        except TrainingDiverged:
+            status = "diverged"
+            raise
+        except Exception:
+            status = "failed"
+            raise
+        finally:
+            log.close()
+            seconds = round(self.elapsed + time.perf_counter() - t0, 3)
+            if d.main:
+                _update_run_json(self.paths, self.store, "encoder", {
+                    "status": status, "step": self.step, "seconds": seconds, "val_loss": self.last_val})
+        _barrier(d)
+        return {"stage": "encoder", "step": self.step, "resumed_from": self.resumed_from,
+                "steps_run": self.step - start_step, "checkpoint": self.paths.checkpoint("encoder"),
+                "last": self.last, "val_loss": self.last_val, "calibration": calibration_path,
+                "bundle": self.paths.bundle, "seconds": seconds, "runtime": rt.describe(),
+                "held_out": self.held_out}
+
+
+# --------------------------------------------------------------------------------------------
+# Both stages
+# --------------------------------------------------------------------------------------------
+def train(
+    store: str | Path,
+    run_dir: str | Path,
+    config: FAnoGANConfig | None = None,
+    *,
+    stage: str = "all",
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Run the GAN stage, the encoder stage, or both (``stage='all'``).
+
+    Parameters
+    ----------
+    store, run_dir, config, resume, overwrite, progress
+        As for :func:`train_gan` and :func:`train_encoder`. With ``stage='all'`` and
+        ``overwrite=True`` the whole run directory is started again.
+    stage : {'gan', 'encoder', 'all'}, default 'all'
+        What to train.
+
+    Returns
+    -------
+    dict
+        ``{stage_name: result}`` for each stage run.
+
+    Raises
+    ------
+    ConfigError
+        If ``stage`` is unknown (and as the stages raise).
+    """
+    if stage not in (*STAGES, "all"):
+        raise ConfigError(f"stage must be gan, encoder or all, got {stage!r}")
+    out: dict[str, dict[str, Any]] = {}
+    if stage in ("gan", "all"):
+        out["gan"] = train_gan(store, run_dir, config, resume=resume, overwrite=overwrite, progress=progress)
+    if stage in ("encoder", "all"):
+        out["encoder"] = train_encoder(store, run_dir, config, resume=resume,
+                                       overwrite=overwrite and stage == "encoder", progress=progress)
+    return out
+

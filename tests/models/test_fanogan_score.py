@@ -1,0 +1,186 @@
+"""f-AnoGAN scoring: per-patch scores, pixel residual, calibration, score_store and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from octpipe.cli import main
+from octpipe.errors import OctpipeError
+from octpipe.models.fanogan.checkpoint import FAnoGANModel, RunPaths, build_networks, load_run
+from octpipe.models.fanogan.config import FAnoGANConfig
+from octpipe.models.fanogan.losses import anomaly_scores, latent_distances
+from octpipe.models.fanogan.score import (
+    CSV_COLUMNS,
+    SCORE_NAMES,
+    calibrate,
+    calibration_percentile,
+    pixel_residual,
+    score_patches,
+    score_store,
+)
+from tests.models.test_fanogan_train import TINY_YAML, make_patch_store
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared CPU: one thread is faster and avoids oversubscription stalls."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_model(kappa: float = 0.5, seed: int = 0) -> FAnoGANModel:
+    cfg = FAnoGANConfig.from_dict({"model": {"image_size": 32, "dim": 8, "latent_dim": 16},
+                                   "encoder": {"kappa": kappa}})
+    torch.manual_seed(seed)
+    g, d, e = build_networks(cfg)
+    with torch.no_grad():  # make the BatchNorm moving averages non-trivial
+        g.train()(torch.randn(32, 16))
+        e.train()(torch.rand(32, 1, 32, 32) * 2 - 1)
+    return FAnoGANModel(g, d, e, cfg).eval()
+
+
+def test_every_patch_is_scored_and_equals_the_hand_computation():
+    model = tiny_model(kappa=0.5)
+    x = torch.rand(10, 1, 32, 32) * 2 - 1
+    s = score_patches(model, x, batch_size=4, device="cpu")  # batches of 4, 4 and the last partial 2
+    assert set(s) == set(SCORE_NAMES) and all(v.shape == (10,) and v.dtype == np.float32 for v in s.values())
+    g, d, e = model.generator, model.discriminator, model.encoder
+    with torch.no_grad():
+        z = e(x)
+        x_rec = g(z)
+        ref = anomaly_scores(x, x_rec, d.features(x), d.features(x_rec), kappa=0.5)
+        zd = latent_distances(z, e(x_rec))
+    np.testing.assert_allclose(s["A_R"], ref.residual.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(s["A_D"], ref.feature.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(s["A"], ref.total.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(s["A"], s["A_R"] + 0.5 * s["A_D"], rtol=1e-6)
+    np.testing.assert_allclose(s["z_distance"], zd.numpy(), rtol=1e-5, atol=1e-9)
+    # streamed blocks of any size, (N, H, W) numpy input, and channels_last give the same scores
+    blocks = [x[:3, 0].numpy(), x[3:10, 0].numpy()]
+    s2 = score_patches(model, iter(blocks), batch_size=4, channels_last=True)
+    for name in SCORE_NAMES:
+        np.testing.assert_allclose(s2[name], s[name], rtol=1e-5, atol=1e-9)
+    assert score_patches(model, x[:0], batch_size=4)["A"].shape == (0,)
+    with pytest.raises(ValueError, match="batch_size"):
+        score_patches(model, x, batch_size=0)
+
+
+def test_pixel_residual_is_the_absolute_reconstruction_error():
+    model = tiny_model()
+    x = torch.rand(5, 1, 32, 32) * 2 - 1
+    r = pixel_residual(model, x, batch_size=2, device="cpu")
+    with torch.no_grad():
+        ref = (x - model.generator(model.encoder(x))).abs().numpy()
+    assert r.shape == (5, 1, 32, 32) and r.dtype == np.float32
+    np.testing.assert_allclose(r, ref, rtol=1e-5, atol=1e-6)
+    assert (r >= 0).all()
+
+
+def test_scoring_needs_an_encoder():
+    model = tiny_model()
+    model.encoder = None
+    with pytest.raises(OctpipeError, match="no trained encoder"):
+        score_patches(model, torch.zeros(2, 1, 32, 32))
+
+
+def test_calibration_percentiles():
+    rng = np.random.default_rng(0)
+    scores = {name: rng.gamma(2.0, size=500) for name in SCORE_NAMES}
+    cal = calibrate(scores, source="held-out")
+    assert cal["n"] == 500 and cal["source"] == "held-out"
+    a = cal["scores"]["A"]
+    assert a["sorted"] == sorted(scores["A"].tolist())
+    assert a["percentiles"][4] == pytest.approx(np.percentile(scores["A"], 50))
+    p = calibration_percentile([0.0, np.median(scores["A"]), 1e9], cal)
+    assert p.tolist() == [0.0, 50.0, 100.0]
+    small = calibrate(scores, max_values=11)
+    assert len(small["scores"]["A"]["sorted"]) == 11 and small["n"] == 500
+    json.dumps(cal)  # JSON-safe
+
+
+# --- store scoring and the command line ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A store and a tiny run trained through ``octpipe train``."""
+    root = tmp_path_factory.mktemp("fanogan-score")
+    store = make_patch_store(root)
+    run = root / "run"
+    code = main(["train", str(store), "-o", str(run), "--config", str(TINY_YAML), "--iterations", "10"])
+    assert code == 0
+    return store, run
+
+
+def test_train_command_writes_a_complete_run(trained, capsys):
+    store, run = trained
+    paths = RunPaths(run)
+    for p in (paths.config, paths.run_json, paths.log, paths.checkpoint("gan"), paths.checkpoint("encoder"),
+              paths.calibration, paths.bundle, paths.samples / "interpolation.png"):
+        assert p.is_file(), p
+    info = json.loads(paths.run_json.read_text())
+    assert info["stages"]["gan"]["critic_step"] == 10 and info["stages"]["encoder"]["step"] == 10
+    # running again without --resume or --overwrite is refused with one line
+    assert main(["train", str(store), "-o", str(run), "--config", str(TINY_YAML)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pass --resume" in err[0]
+    # --resume with a longer encoder stage continues it
+    assert main(["train", str(store), "-o", str(run), "--config", str(TINY_YAML), "--stage", "encoder",
+                 "--resume", "--iterations", "12"]) == 0
+    assert "encoder: step 12 (2 run" in capsys.readouterr().out
+    assert main(["train", str(store), "-o", str(run), "--stage", "both"]) == 2
+    assert main(["train", str(store), "-o", str(run), "--device", "tpu"]) == 2
+    bad = run.parent / "bad.yaml"
+    bad.write_text("gan:\n  critic_steps: 5\n")
+    assert main(["train", str(store), "-o", str(run.parent / "r2"), "--config", str(bad)]) == 1
+    assert "unknown key gan.critic_steps" in capsys.readouterr().err
+
+
+def test_score_command_writes_one_row_per_patch(trained, tmp_path, capsys):
+    import zarr
+
+    store, run = trained
+    out = tmp_path / "scores.csv"
+    assert main(["score", str(store), "--model", str(run), "--split", "test", "-o", str(out),
+                 "--batch-size", "50"]) == 0  # 192 patches: the last batch of each chunk is partial
+    assert "scored 192 patches of split test" in capsys.readouterr().out
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert tuple(rows[0]) == CSV_COLUMNS and len(rows) == 192
+    g = zarr.open_group(str(store / "patches" / "test"), mode="r")
+    index, labels, vols = g["index"][...], g["label"][...], g.attrs["volumes"]
+    assert [r["volume_id"] for r in rows] == [vols[i] for i in index[:, 0]]
+    assert [int(r["bscan"]) for r in rows] == index[:, 1].tolist()
+    assert [int(r["col"]) for r in rows] == index[:, 3].tolist()
+    assert [int(r["label"]) for r in rows] == labels.tolist()
+    model = load_run(run)
+    ref = score_patches(model, g["x"][...].astype(np.float32), batch_size=64)
+    for name in SCORE_NAMES:
+        np.testing.assert_allclose([float(r[name]) for r in rows], ref[name], rtol=1e-5, atol=1e-9)
+    meta = json.loads((tmp_path / "scores.csv.json").read_text())
+    assert meta["n_patches"] == 192 and meta["split"] == "test" and meta["git_hash"]
+    # no overwrite without --overwrite; missing split, missing model: one-line errors
+    assert main(["score", str(store), "--model", str(run), "-o", str(out)]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["score", str(store), "--model", str(run), "--split", "val", "-o", str(tmp_path / "v.csv")]) == 1
+    assert "no patches/val" in capsys.readouterr().err
+    assert main(["score", str(store), "--model", str(tmp_path), "-o", str(tmp_path / "m.csv")]) == 1
+    assert "no trained model" in capsys.readouterr().err
+    assert main(["score", str(store), "--model", str(run), "-o", str(tmp_path / "p.csv"), "--precision", "fp8"]) == 2
+
+
+def test_score_store_rejects_a_patch_size_mismatch(trained, tmp_path):
+    from octpipe.patches import write_patch_split
+
+    store, run = trained
+    write_patch_split(store, "test", patch=64, stride=64, workers=0, overwrite=True)
+    try:
+        with pytest.raises(OctpipeError, match=r"patches are \(64, 64\) pixels but the model expects 32×32"):
+            score_store(store, run, "test", tmp_path / "s.csv")
+    finally:
+        write_patch_split(store, "test", patch=32, stride=32, workers=0, chunk=64, overwrite=True)
