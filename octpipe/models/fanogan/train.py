@@ -628,6 +628,20 @@ def train_gan(
                            progress=progress).run()
 
 
+def _existing_checkpoint(paths: RunPaths, stage: str, config: FAnoGANConfig, *, resume: bool, overwrite: bool,
+                         what: str, restart: str) -> dict | None:
+    """The stage's last checkpoint when resuming (its config checked), None for a fresh start."""
+    path = paths.checkpoint(stage)
+    if not path.is_file() or overwrite:
+        return None
+    if not resume:
+        raise OctpipeError(f"the run already has {what}; pass --resume to continue it or --overwrite to {restart}",
+                           paths.root)
+    ckpt = load_checkpoint(path)
+    check_resume_config(ckpt["config"], config, ("model", "data", stage, "runtime"))
+    return ckpt
+
+
 class _GANTrainer:
     def __init__(self, store: Path, paths: RunPaths, config: FAnoGANConfig, source: _PatchSource, rt: _Runtime, *,
                  resume: bool, overwrite: bool, progress: bool) -> None:
@@ -636,14 +650,8 @@ class _GANTrainer:
         self.seed = config.runtime.seed
         self.progress_enabled = progress
         d = rt.dist
-        ckpt_path = paths.checkpoint("gan")
-        ckpt = None
-        if ckpt_path.is_file() and not overwrite:
-            if not resume:
-                raise OctpipeError("the run already has a GAN checkpoint; pass --resume to continue it or "
-                                   "--overwrite to start again", paths.root)
-            ckpt = load_checkpoint(ckpt_path)
-            check_resume_config(ckpt["config"], config, ("model", "data", "gan", "runtime"))
+        ckpt = _existing_checkpoint(paths, "gan", config, resume=resume, overwrite=overwrite,
+                                    what="a GAN checkpoint", restart="start again")
         _barrier(d)  # every rank has read the checkpoint before rank 0 may delete it
         if d.main:
             if overwrite and paths.root.exists():
@@ -679,7 +687,7 @@ class _GANTrainer:
             self.opt_g.load_state_dict(ckpt["optimizers"]["generator"])
             self.opt_d.load_state_dict(ckpt["optimizers"]["discriminator"])
             restore_rng_state(ckpt["rng"])
-        self.last_good = ckpt_path if ckpt is not None else None
+        self.last_good = paths.checkpoint("gan") if ckpt is not None else None
         # Training views: DDP for gradient sync, torch.compile for G only (D needs double backward).
         self.g_train = _maybe_compile(_ddp(self.g, rt), rt)
         self.g_sample = _maybe_compile(self.g, rt)
@@ -906,14 +914,9 @@ class _EncoderTrainer:
         self.seed = config.runtime.seed
         self.progress_enabled = progress
         d = rt.dist
-        ckpt_path = paths.checkpoint("encoder")
-        ckpt = None
-        if ckpt_path.is_file() and not overwrite:
-            if not resume:
-                raise OctpipeError("the run already has an encoder checkpoint; pass --resume to continue it or "
-                                   "--overwrite to train it again", paths.root)
-            ckpt = load_checkpoint(ckpt_path)
-            check_resume_config(ckpt["config"], config, ("model", "data", "encoder", "runtime"))
+        ckpt = _existing_checkpoint(paths, "encoder", config, resume=resume, overwrite=overwrite,
+                                    what="an encoder checkpoint", restart="train it again")
+        if ckpt is not None:
             source_ckpt = ckpt
             gan_path = paths.checkpoint("gan")
             if gan_path.is_file():
@@ -975,7 +978,7 @@ class _EncoderTrainer:
         if ckpt is not None:
             self.opt.load_state_dict(ckpt["optimizers"]["encoder"])
             restore_rng_state(ckpt["rng"])
-        self.last_good = ckpt_path if ckpt is not None else None
+        self.last_good = paths.checkpoint("encoder") if ckpt is not None else None
         self.e_train = _maybe_compile(_ddp(self.e, rt), rt)
         self.g_fwd = _maybe_compile(self.g, rt)
         self.d_feat = _maybe_compile(self.d.features, rt)
