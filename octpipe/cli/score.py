@@ -18,8 +18,9 @@ def score(
     split: str = typer.Option("test", "--split", help="Patch split to score. Default test."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Patches per forward pass. Default 256."),
     device: str = typer.Option("auto", "--device", help="auto (default; CUDA when available), cpu or cuda."),
-    precision: str = typer.Option("auto", "--precision", help="auto (default: bf16 autocast on CUDA, fp32 on "
-                                                              "CPU), fp32, tf32 or bf16."),
+    precision: str = typer.Option("auto", "--precision", help="auto (default: bf16 autocast on CUDA and on "
+                                                              "CPUs with native bf16, else fp32), fp32, tf32 "
+                                                              "or bf16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
     """Score every patch of a split with a trained f-AnoGAN (A = A_R + κ·A_D, z distance).

@@ -20,6 +20,7 @@ from octpipe.models.fanogan.score import (
     calibrate,
     calibration_percentile,
     pixel_residual,
+    resolve_precision,
     score_patches,
     score_store,
 )
@@ -49,7 +50,7 @@ def tiny_model(kappa: float = 0.5, seed: int = 0) -> FAnoGANModel:
 def test_every_patch_is_scored_and_equals_the_hand_computation():
     model = tiny_model(kappa=0.5)
     x = torch.rand(10, 1, 32, 32) * 2 - 1
-    s = score_patches(model, x, batch_size=4, device="cpu")  # batches of 4, 4 and the last partial 2
+    s = score_patches(model, x, batch_size=4, device="cpu", precision="fp32")  # batches of 4, 4 and a partial 2
     assert set(s) == set(SCORE_NAMES) and all(v.shape == (10,) and v.dtype == np.float32 for v in s.values())
     g, d, e = model.generator, model.discriminator, model.encoder
     with torch.no_grad():
@@ -64,7 +65,7 @@ def test_every_patch_is_scored_and_equals_the_hand_computation():
     np.testing.assert_allclose(s["z_distance"], zd.numpy(), rtol=1e-5, atol=1e-9)
     # streamed blocks of any size, (N, H, W) numpy input, and channels_last give the same scores
     blocks = [x[:3, 0].numpy(), x[3:10, 0].numpy()]
-    s2 = score_patches(model, iter(blocks), batch_size=4, channels_last=True)
+    s2 = score_patches(model, iter(blocks), batch_size=4, channels_last=True, precision="fp32")
     for name in SCORE_NAMES:
         np.testing.assert_allclose(s2[name], s[name], rtol=1e-5, atol=1e-9)
     assert score_patches(model, x[:0], batch_size=4)["A"].shape == (0,)
@@ -75,7 +76,7 @@ def test_every_patch_is_scored_and_equals_the_hand_computation():
 def test_pixel_residual_is_the_absolute_reconstruction_error():
     model = tiny_model()
     x = torch.rand(5, 1, 32, 32) * 2 - 1
-    r = pixel_residual(model, x, batch_size=2, device="cpu")
+    r = pixel_residual(model, x, batch_size=2, device="cpu", precision="fp32")
     with torch.no_grad():
         ref = (x - model.generator(model.encoder(x))).abs().numpy()
     assert r.shape == (5, 1, 32, 32) and r.dtype == np.float32
@@ -184,3 +185,15 @@ def test_score_store_rejects_a_patch_size_mismatch(trained, tmp_path):
             score_store(store, run, "test", tmp_path / "s.csv")
     finally:
         write_patch_split(store, "test", patch=32, stride=32, workers=0, chunk=64, overwrite=True)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_for_cpu_inference_only_with_native_bf16(monkeypatch, native):
+    import octpipe.models.fanogan.score as score_module
+
+    monkeypatch.setattr(score_module, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu, training=False) == ("bf16" if native else "fp32")
+    assert resolve_precision("auto", cpu, training=True) == "fp32"
+    assert resolve_precision("tf32", cpu, training=False) == "fp32"
+    assert resolve_precision("fp32", cpu, training=False) == "fp32"

@@ -12,9 +12,12 @@ the last partial batch is kept. ``pixel_residual`` returns the paper's ``|x − 
 which the official code never produces.
 
 Inference runs under ``torch.inference_mode`` with every network in eval mode (BatchNorm uses
-its moving averages) and channels_last tensors. The default precision is bfloat16 autocast with
-TF32 on CUDA and float32 on CPU. Scores are always computed from float32 copies of the network
-outputs.
+its moving averages) and channels_last tensors. The default precision (``auto``) is bfloat16
+autocast with TF32 on CUDA, and bfloat16 autocast on CPUs with native bfloat16 instructions
+(AVX-512 BF16 or AMX), else float32. On the development CPU, bf16 scored 3.7x more patches per
+second than naive fp32 and changed the image-level AUC by 0.0004
+(``benchmarks/results/fanogan.json``). Scores are always computed from float32 copies of the
+network outputs.
 
 Held-out normal scores are summarised by :func:`calibrate` (``RUN/calibration.json``), and
 :func:`calibration_percentile` expresses new scores as percentiles of them.
@@ -47,9 +50,11 @@ __all__ = [
     "CSV_COLUMNS",
     "ScoreResult",
     "resolve_device",
+    "cpu_has_native_bf16",
     "resolve_precision",
     "precision_context",
     "score_patches",
+    "score_and_reconstruct",
     "pixel_residual",
     "score_store",
     "calibrate",
@@ -106,8 +111,26 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     raise ConfigError(f"device must be auto, cpu or cuda[:N], got {device!r}")
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX-512 BF16 or AMX) that oneDNN uses.
+
+    Without them bf16 autocast is emulated and slower than float32.
+    """
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return False
+    return ("avx512_bf16" in flags or "amx_bf16" in flags) and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def resolve_precision(precision: str, device: torch.device, *, training: bool) -> str:
-    """Resolve ``'auto'`` precision: ``fp32`` on CPU; on CUDA ``tf32`` for training, ``bf16`` for inference.
+    """Resolve ``'auto'`` precision.
+
+    Training: ``tf32`` on CUDA, ``fp32`` on CPU (bf16 changes the numerics of the adversarial
+    game, so it is opt-in there). Inference: ``bf16`` on CUDA and on CPUs with native bfloat16
+    (:func:`cpu_has_native_bf16`; measured AUC change 0.0004 at 3.7x the speed), else ``fp32``.
 
     Parameters
     ----------
@@ -131,7 +154,10 @@ def resolve_precision(precision: str, device: torch.device, *, training: bool) -
     if precision not in ("auto", "fp32", "tf32", "bf16"):
         raise ConfigError(f"precision must be auto, fp32, tf32 or bf16, got {precision!r}")
     if precision == "auto":
-        precision = ("tf32" if training else "bf16") if device.type == "cuda" else "fp32"
+        if device.type == "cuda":
+            precision = "tf32" if training else "bf16"
+        else:
+            precision = "bf16" if not training and cpu_has_native_bf16() else "fp32"
     if precision == "tf32" and device.type != "cuda":
         precision = "fp32"
     return precision
@@ -233,8 +259,9 @@ def _to_device(batch: torch.Tensor, dev: torch.device, fmt: torch.memory_format)
     return batch.to(dev, dtype=torch.float32, non_blocking=True).contiguous(memory_format=fmt)
 
 
-def _score_batch(model: FAnoGANModel, x: torch.Tensor, prec: str, dev: torch.device) -> torch.Tensor:
-    """Scores of one batch as a ``(4, N)`` float32 tensor (A_R, A_D, A, z_distance)."""
+def _score_batch(model: FAnoGANModel, x: torch.Tensor, prec: str, dev: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of one batch as a ``(4, N)`` float32 tensor (A_R, A_D, A, z_distance), and G(E(x))."""
     g, d, e = model.generator, model.discriminator, model.encoder
     n = x.shape[0]
     with precision_context(prec, dev):
@@ -243,9 +270,10 @@ def _score_batch(model: FAnoGANModel, x: torch.Tensor, prec: str, dev: torch.dev
         feats = d.features(torch.cat([x, x_rec.to(x.dtype)]))
         z_rec = e(x_rec.to(x.dtype))  # type: ignore[misc]
     feats = feats.float()
-    scores = anomaly_scores(x, x_rec.float(), feats[:n], feats[n:], kappa=model.kappa)
+    x_rec = x_rec.float()
+    scores = anomaly_scores(x, x_rec, feats[:n], feats[n:], kappa=model.kappa)
     zd = latent_distances(z.float(), z_rec.float())
-    return torch.stack([scores.residual, scores.feature, scores.total, zd])
+    return torch.stack([scores.residual, scores.feature, scores.total, zd]), x_rec
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,9 +333,45 @@ def score_patches(
     out: list[torch.Tensor] = []
     with torch.inference_mode():
         for batch in _rebatch(x, batch_size, model.config.model.channels):
-            out.append(_score_batch(model, _to_device(batch, dev, fmt), prec, dev).cpu())
-    table = torch.cat(out, dim=1).numpy() if out else np.zeros((4, 0), np.float32)
+            out.append(_score_batch(model, _to_device(batch, dev, fmt), prec, dev)[0].cpu())
+    return _score_dict(out)
+
+
+def _score_dict(parts: list[torch.Tensor]) -> dict[str, npt.NDArray[np.float32]]:
+    table = torch.cat(parts, dim=1).numpy() if parts else np.zeros((4, 0), np.float32)
     return {name: np.ascontiguousarray(table[i], dtype=np.float32) for i, name in enumerate(SCORE_NAMES)}
+
+
+def score_and_reconstruct(
+    model: FAnoGANModel,
+    x: ArrayOrTensor | Iterable[ArrayOrTensor],
+    *,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    precision: str = "auto",
+    channels_last: bool | str = "auto",
+) -> tuple[dict[str, npt.NDArray[np.float32]], npt.NDArray[np.float32]]:
+    """:func:`score_patches` and the reconstructions ``G(E(x))`` from the same forward pass.
+
+    Used for anomaly maps, where each window needs both its scores and its pixel residual.
+
+    Returns
+    -------
+    scores : dict of str to ndarray
+        As :func:`score_patches`.
+    reconstruction : ndarray
+        float32, shape ``(N, C, H, W)``.
+    """
+    dev, prec, fmt = _setup(model, device, precision, channels_last)
+    out: list[torch.Tensor] = []
+    recs: list[np.ndarray] = []
+    with torch.inference_mode():
+        for batch in _rebatch(x, batch_size, model.config.model.channels):
+            table, x_rec = _score_batch(model, _to_device(batch, dev, fmt), prec, dev)
+            out.append(table.cpu())
+            recs.append(x_rec.contiguous().cpu().numpy())
+    size, channels = model.image_size, model.config.model.channels
+    return _score_dict(out), (np.concatenate(recs) if recs else np.zeros((0, channels, size, size), np.float32))
 
 
 def pixel_residual(
@@ -553,7 +617,7 @@ def score_store(
                 parts = []
                 with torch.inference_mode():
                     for batch in _rebatch(x, batch_size, fanogan.config.model.channels):
-                        parts.append(_score_batch(fanogan, _to_device(batch, dev, fmt), prec, dev).cpu())
+                        parts.append(_score_batch(fanogan, _to_device(batch, dev, fmt), prec, dev)[0].cpu())
                 table = torch.cat(parts, dim=1).numpy()
                 for j in range(len(x)):
                     v = int(idx[j, 0])

@@ -1,0 +1,1 @@
+"""Exporters: anomaly maps to NIfTI, DICOM, PNG overlays and reports."""
