@@ -132,7 +132,8 @@ class VolumeAnomaly:
     windows : ndarray (n, 3)
         Window corners ``(bscan, row, col)`` on the flattened grid.
     window_scores : dict of str to ndarray
-        A_R, A_D, A, z_distance per window, and ``A_percentile`` when calibrated.
+        A_R, A_D and A per window, and ``A_percentile`` when calibrated (the z distance is not
+        computed for maps).
     window_retina : ndarray (n,)
         Fraction of each window inside ILM..BM.
     residual_flat, reconstruction_flat, score_flat : ndarray (z, h, x')
@@ -203,7 +204,8 @@ def compute_anomaly(vol: VolumeInput, model: FAnoGANModel, settings: MapSettings
     index = window_index(flat.shape, size=size, stride=settings.stride)
     patches = extract_patches(flat, index, (size, size))
     scores, recon = score_and_reconstruct(model, patches[:, None], batch_size=settings.batch_size,
-                                          device=settings.device, precision=settings.precision)
+                                          device=settings.device, precision=settings.precision, latent=False)
+    del scores["z_distance"]  # not needed for maps; skipping it saves an encoder pass per window
     recon = recon[:, 0]
 
     res_merge = WindowMerger(flat.shape, size, settings.weighting)
@@ -273,5 +275,6 @@ def _summary(vol: VolumeInput, scores: dict[str, np.ndarray], window_retina: np.
             "calibration_n": int(calibration["n"]),
         })
     for name in SCORE_NAMES:
-        out[f"mean_{name}"] = float(scores[name].mean())
+        if name in scores:
+            out[f"mean_{name}"] = float(scores[name].mean())
     return out
