@@ -230,8 +230,6 @@ def write_patch_split(
     """
     import time
 
-    import zarr
-
     t0 = time.perf_counter()
     if split not in SPLITS:
         raise OctpipeError(f"split must be one of {', '.join(SPLITS)}, got {split!r}", store)
@@ -241,9 +239,25 @@ def write_patch_split(
     if dtype not in ("float16", "float32"):
         raise OctpipeError(f"dtype must be float16 or float32, got {dtype!r}", store)
     store = Path(store)
-    from octpipe.store import open_store
+    from octpipe.store import open_store, store_lock
 
     open_store(store, create=False)
+    with store_lock(store, command="patches"):
+        return _write_patch_split_locked(store, split, patch=patch, stride=stride, k=k, seed=seed,
+                                         volume_ids=volume_ids, include_unknown=include_unknown, dtype=dtype,
+                                         chunk=chunk, workers=workers, scheduler=scheduler, overwrite=overwrite,
+                                         progress=progress, t0=t0)
+
+
+def _write_patch_split_locked(store: Path, split: str, *, patch: int, stride: int, k: int, seed: int,
+                              volume_ids: Sequence[str] | None, include_unknown: bool, dtype: str, chunk: int,
+                              workers: int | None, scheduler: str | None, overwrite: bool, progress: bool,
+                              t0: float) -> PatchSplitResult:
+    """:func:`write_patch_split` while holding the store lock."""
+    import time
+
+    import zarr
+
     target = store / "patches" / split
     if target.exists() and not overwrite:
         raise OctpipeError(f"patches/{split} exists; pass --overwrite to replace it", store)

@@ -357,7 +357,36 @@ def ingest(
     Returns
     -------
     IngestResult
+
+    Raises
+    ------
+    OctpipeError
+        Another process is writing the store (see :func:`octpipe.store.store_lock`), or
+        ``store`` is a folder that is not a store.
     """
+    from octpipe.store import store_lock
+
+    with store_lock(store, command="ingest"):
+        return _ingest_locked(sources, store, workers=workers, scheduler=scheduler, manifest=manifest,
+                              overwrite=overwrite, memory_limit=memory_limit, config=config, label=label,
+                              progress=progress, echo=echo)
+
+
+def _ingest_locked(
+    sources: Sequence[str | Path],
+    store: str | Path,
+    *,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    manifest: str | Path | None = None,
+    overwrite: bool = False,
+    memory_limit: str = "auto",
+    config: PreprocessConfig | None = None,
+    label: int | None = None,
+    progress: bool = False,
+    echo: Callable[[str], object] | None = None,
+) -> IngestResult:
+    """:func:`ingest` while holding the store lock."""
     from octpipe.store import complete_volumes, open_store
 
     t0 = time.perf_counter()
@@ -365,6 +394,10 @@ def ingest(
     root = open_store(store)
     salt = str(root.attrs["pseudonym_salt"])
     inputs, rows = discover_inputs(sources, exclude=[store])
+    if echo:  # sources that are missing or unreadable fail before any task runs: say so too
+        for r in rows:
+            if r["status"] == "failed":
+                echo(f"failed: {r['path']}: {r['error']}")
     complete = complete_volumes(store)
     from octpipe.preprocess.prepare import PreprocessConfig
 

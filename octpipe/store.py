@@ -15,21 +15,31 @@
       manifest.csv               the last ingest's rows, one per input
       logs/                      one log per run
       .staging/                  volumes being written (never read as results)
+      .lock                      held (flock) by the process writing the store; holds its pid
 
 A volume group is written complete under ``.staging/`` and then renamed into
 ``volumes/``: a crash never leaves a half-written volume that looks finished, and a
 volume present under ``volumes/`` with ``status == "complete"`` is done. Renames are
 atomic on a local or POSIX network file system, which is what this store is for.
+
+One process writes a store at a time: :func:`store_lock` holds an exclusive ``flock`` on
+``STORE/.lock`` for a whole ingest or patch run, and a second writer is refused with a
+one-line error naming the holder's pid. The kernel drops the lock when its holder dies
+(even by ``kill -9``), so a crash never leaves the store locked; whatever a dead run left
+under ``.staging/`` is removed by the next writer.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import secrets
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +62,12 @@ __all__ = [
     "read_volume_group",
     "read_volume_attrs",
     "volume_ids",
+    "store_lock",
+    "LOCK_NAME",
 ]
+
+#: The lock file of a store (see :func:`store_lock`).
+LOCK_NAME = ".lock"
 
 STORE_LAYOUT_VERSION = 1
 
@@ -79,9 +94,10 @@ def open_store(path: str | Path, *, create: bool = True) -> zarr.Group:
         return root
     if not create:
         raise OctpipeError("no octpipe store here", path)
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and any(p.name != LOCK_NAME for p in path.iterdir()):
         raise OctpipeError("folder exists and is not an empty octpipe store", path)
-    root = zarr.open_group(str(path), mode="w")
+    # mode "a", not "w": "w" empties the folder, deleting the .lock file a writer holds (see store_lock)
+    root = zarr.open_group(str(path), mode="a")
     root.attrs.update({
         "octpipe_store": STORE_LAYOUT_VERSION,
         "octpipe_version": __version__,
@@ -213,3 +229,71 @@ def read_volume_group(store: str | Path, volume_id: str) -> tuple[dict[str, np.n
     group = zarr.open_group(str(path), mode="r")
     arrays = {name: arr[...] for name, arr in group.arrays()}
     return arrays, dict(group.attrs)
+
+
+@contextmanager
+def store_lock(path: str | Path, *, command: str = "octpipe") -> Iterator[Path]:
+    """Hold the store's write lock for the duration of a ``with`` block.
+
+    Creates the store folder when missing (not the store itself; see :func:`open_store`),
+    takes an exclusive, non-blocking ``flock`` on ``STORE/.lock`` and writes this process's
+    pid and ``command`` into it. Holding the lock, it removes what a crashed run left under
+    ``.staging/`` (no other writer can be using it).
+
+    Parameters
+    ----------
+    path : str or Path
+        The store.
+    command : str
+        What holds the lock (``"ingest"``, ``"patches"``), written beside the pid.
+
+    Yields
+    ------
+    Path
+        The store path.
+
+    Raises
+    ------
+    OctpipeError
+        Another process holds the lock ("store is being written by another octpipe
+        process (pid N)"), or ``path`` is a folder that is not a store.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with store_lock(tempfile.mkdtemp() + "/s.zarr") as p:
+    ...     (p / ".lock").exists()
+    True
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OctpipeError("is a file, not a store folder", path)
+    if path.is_dir() and not (path / "zarr.json").exists() and any(p.name != LOCK_NAME for p in path.iterdir()):
+        raise OctpipeError("folder exists and is not an empty octpipe store", path)
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / LOCK_NAME
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise OctpipeError(f"cannot lock the store: {exc.strerror or exc}", path) from exc
+            holder = os.pread(fd, 200, 0).decode("ascii", "replace").split()
+            pid = holder[0] if holder else "unknown"
+            what = f" {holder[1]}" if len(holder) > 1 else ""
+            raise OctpipeError(f"store is being written by another octpipe{what} process (pid {pid}); "
+                               "wait for it to finish", path) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {command}\n".encode("ascii"), 0)
+        staging = path / ".staging"
+        if staging.is_dir():  # left by a run that died: nobody else can be writing there now
+            for child in staging.iterdir():
+                shutil.rmtree(child, ignore_errors=True)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -63,9 +63,11 @@ def read_volumes(path: str | Path, *, format: str | None = None) -> list[OctVolu
         raise
     except MemoryError as exc:
         raise OctpipeError("not enough memory to read this file", path) from exc
-    except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError) as exc:
-        # a reader bug or a library error we did not foresee: still one line, naming the file
-        raise OctpipeError(f"{fmt} reader failed: {type(exc).__name__}: {exc}", path) from exc
+    except Exception as exc:  # noqa: BLE001
+        # a reader bug or a library error we did not foresee (struct.error, zlib.error, NotImplementedError,
+        # RecursionError ...): still one line, naming the file, so a batch records it and goes on
+        text = " ".join(str(exc).split())[:300]
+        raise OctpipeError(f"{fmt} reader failed: {type(exc).__name__}: {text}", path) from exc
     volumes = result if isinstance(result, list) else [result]
     if not volumes:
         raise OctpipeError("no OCT volume found", path)

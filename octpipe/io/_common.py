@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -16,7 +17,40 @@ from octpipe.privacy import pseudonymous_id
 from octpipe.volume import Provenance
 
 __all__ = ["file_sha256", "make_provenance", "volume_id_for", "check_writable", "atomic_output",
-           "check_uint8_volume"]
+           "check_uint8_volume", "BoundedReader", "DEFLATE_MAX_RATIO"]
+
+#: Largest expansion of deflate (zlib, gzip, PNG) data: 1032 output bytes per input byte.
+#: A header that promises more decoded bytes than this times the compressed size is damaged.
+DEFLATE_MAX_RATIO = 1032
+
+
+class BoundedReader(io.BufferedReader):
+    """A read-only binary file whose ``read(n)`` never asks for more than the bytes left.
+
+    ``BufferedReader.read(n)`` allocates ``n`` bytes before reading, so a library that
+    reads a length field from a damaged file (``fh.read(0xFFFFFFFF)``) makes a 4 GiB
+    allocation even when the file is small. Handing this reader to such a library
+    (Pillow, pydicom) caps every read at the file size.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> p = tempfile.mktemp()
+    >>> _ = open(p, "wb").write(b"abc")
+    >>> with BoundedReader(p) as fh:
+    ...     fh.read(1 << 40)
+    b'abc'
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(io.FileIO(os.fspath(path), "rb"))
+        self.size = os.fstat(self.fileno()).st_size
+
+    def read(self, n: int | None = -1) -> bytes:  # noqa: D102 - as io.BufferedReader.read
+        if n is None or n < 0:
+            return super().read()
+        return super().read(max(0, min(n, self.size - self.tell())))
+
 
 
 def file_sha256(paths: str | Path | Iterable[str | Path]) -> str:

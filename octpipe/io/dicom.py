@@ -58,6 +58,7 @@ from __future__ import annotations
 import datetime as _dt
 import re
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +66,13 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
-from octpipe.errors import CorruptFileError, FormatError, UnsupportedFormatError
-from octpipe.io._common import atomic_output, check_writable, make_provenance
+from octpipe.errors import CorruptFileError, FormatError, OctpipeError, UnsupportedFormatError
+from octpipe.io._common import BoundedReader, atomic_output, check_writable, make_provenance
 from octpipe.io.images import DEFAULT_SPACING_MM, _luminance
 from octpipe.volume import OctVolume
 
@@ -139,6 +140,7 @@ def write_dicom_opt(
     study_uid: str | None = None,
     series_uid: str | None = None,
     overwrite: bool = False,
+    identifying: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a volume as a multi-frame DICOM Ophthalmic Tomography Image.
 
@@ -162,6 +164,11 @@ def write_dicom_opt(
         pass the same ``study_uid`` to group several files in one study.
     overwrite : bool
         Replace an existing file.
+    identifying : mapping of str to str, optional
+        For privacy tests only: DICOM keywords (``PatientName``, ``PatientBirthDate``,
+        ``DeviceSerialNumber``, ``InstitutionName`` ...) set to these values, so that
+        a test can check that nothing octpipe writes carries them. Never use with real
+        identifiers.
 
     Returns
     -------
@@ -339,6 +346,8 @@ def write_dicom_opt(
         pixels += b"\x00"
     ds.add_new(0x7FE00010, "OB" if bits == 8 else "OW", pixels)
 
+    for keyword, value in (identifying or {}).items():  # privacy tests only (see the docstring)
+        setattr(ds, keyword, value)
     with atomic_output(path) as tmp, open(tmp, "wb") as fh:
         ds.save_as(fh, enforce_file_format=True)
     return path
@@ -563,14 +572,33 @@ def read_dicom(path: str | Path) -> OctVolume:
     if path.is_dir():
         raise FormatError("is a folder, not a DICOM file", path)
     try:
-        ds = pydicom.dcmread(path)
+        # BoundedReader: a damaged length field must not make pydicom allocate more than the file holds
+        with BoundedReader(path) as fh:
+            ds = pydicom.dcmread(fh)
     except InvalidDicomError as exc:
         raise FormatError(f"not a DICOM file ({exc})", path) from exc
     except FileNotFoundError:
         raise
-    except (EOFError, OSError, ValueError, KeyError, TypeError, struct.error, NotImplementedError) as exc:
-        raise CorruptFileError(f"cannot parse the DICOM data set (truncated?): {exc}", path) from exc
+    except (EOFError, OSError, ValueError, KeyError, TypeError, struct.error, NotImplementedError, OverflowError,
+            MemoryError, BytesLengthException) as exc:
+        raise CorruptFileError(f"cannot parse the DICOM data set (truncated?): {_one_line(exc)}", path) from exc
+    try:
+        return _volume_from_dataset(ds, path)
+    except OctpipeError:
+        raise
+    except (NotImplementedError, ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError,
+            struct.error, EOFError, MemoryError, BytesLengthException) as exc:
+        # attributes are decoded lazily: a damaged VR or value fails here, not in dcmread
+        raise CorruptFileError(f"damaged DICOM attribute: {_one_line(exc)}", path) from exc
 
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+
+
+def _volume_from_dataset(ds: Dataset, path: Path) -> OctVolume:
+    """The body of :func:`read_dicom` once the data set is parsed."""
     if "PixelData" not in ds:
         other = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
         if other:
@@ -621,9 +649,10 @@ def read_dicom(path: str | Path) -> OctVolume:
     if not colour:
         factors = [_rescale(ds, f) for f in frames]
         if any(f != (1.0, 0.0) for f in factors):
-            for i, (slope, intercept) in enumerate(factors):
-                data[i] *= np.float32(slope)
-                data[i] += np.float32(intercept)
+            with np.errstate(all="ignore"):  # a damaged slope gives inf/NaN, marked invalid below
+                for i, (slope, intercept) in enumerate(factors):
+                    data[i] *= np.float32(slope)
+                    data[i] += np.float32(intercept)
             rescale = factors[0] if len(set(factors)) == 1 else ("per-frame", "per-frame")
 
     order = _frame_order(frames)
@@ -646,8 +675,13 @@ def read_dicom(path: str | Path) -> OctVolume:
     if rescale is not None:
         meta["rescale_slope"], meta["rescale_intercept"] = rescale
     prov, vid = make_provenance(path, reader="dicom", format="dicom-opt" if is_opt else "dicom")
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    invalid = ~np.isfinite(data)  # a damaged rescale slope/intercept (NaN, overflow)
+    if invalid.any():
+        data[invalid] = 0.0
     return OctVolume(
-        data=np.ascontiguousarray(data, dtype=np.float32),
+        data=data,
+        invalid=invalid if invalid.any() else None,
         spacing_mm=spacing,
         spacing_source=source,
         laterality=_laterality(ds, frames[0]),  # type: ignore[arg-type]

@@ -480,6 +480,18 @@ def _as_rows(values: npt.ArrayLike, shape: tuple[int, ...], what: str) -> npt.ND
     return out
 
 
+def _identifying_fields(values: Mapping[str, object] | None) -> dict[str, object]:
+    """Checked values of the identifying header fields (privacy tests write real-looking ones)."""
+    fields = {f.name: f for f in _FILE_HEADER_FIELDS if f.identifying}
+    out: dict[str, object] = {}
+    for name, value in (values or {}).items():
+        if name not in fields or name == "PatientID":
+            raise ValueError(f"identifying must name fields among {sorted(set(fields) - {'PatientID'})}, got {name!r}")
+        fmt = fields[name].fmt
+        out[name] = _check_text(value, int(fmt[:-1]) - 1, name) if fmt.endswith("s") else value  # type: ignore[arg-type]
+    return out
+
+
 def _check_text(value: str, limit: int, name: str) -> str:
     if not isinstance(value, str) or not value.isascii() or len(value) > limit:
         raise ValueError(f"{name} must be an ASCII string of at most {limit} characters, got {value!r}")
@@ -498,6 +510,7 @@ def write_heyex_vol(
     patient_id: str = "anonymous",
     exam_time: datetime | None = None,
     overwrite: bool = False,
+    identifying: Mapping[str, object] | None = None,
 ) -> Path:
     """Write a Heidelberg HSF-OCT-103 ``.vol`` file.
 
@@ -531,6 +544,11 @@ def write_heyex_vol(
         Written into ExamTime (naive = UTC); default 0 (1601-01-01).
     overwrite : bool
         Replace an existing file.
+    identifying : mapping, optional
+        For privacy tests only: values of the header's identifying fields (``PID``,
+        ``DOB`` as days since 1899-12-30, ``VID``, ``VisitID``, ``VisitDate``, ``ID``,
+        ``ReferenceID``, ``ProgID``; strings in ASCII), so that a test can check that
+        nothing octpipe writes carries them.
 
     Returns
     -------
@@ -599,6 +617,7 @@ def write_heyex_vol(
         "FieldSizeSlo": _SLO_FIELD_DEG, "ScanFocus": 0.0, "ScanPosition": laterality,
         "ExamTime": _filetime(exam_time), "ScanPattern": scan_pattern, "BScanHdrSize": hdr_size,
         "PatientID": patient_id,
+        **_identifying_fields(identifying),
     })
     positions = _bscan_positions(scan_pattern, n_bscans, size_x * scale_x, distance,
                                  (slo_cols * scale_slo / 2.0, slo_rows * scale_slo / 2.0))

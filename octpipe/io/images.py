@@ -27,6 +27,7 @@ Writer
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,14 @@ import numpy.typing as npt
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from octpipe.errors import CorruptFileError, FormatError, OctpipeError, UnsupportedFormatError
-from octpipe.io._common import atomic_output, check_uint8_volume, file_sha256, make_provenance
+from octpipe.io._common import (
+    DEFLATE_MAX_RATIO,
+    BoundedReader,
+    atomic_output,
+    check_uint8_volume,
+    file_sha256,
+    make_provenance,
+)
 from octpipe.volume import OctVolume
 
 __all__ = ["read_bscan_image", "read_bscan_folder", "write_bscan_folder", "DEFAULT_SPACING_MM", "IMAGE_SUFFIXES"]
@@ -82,6 +90,15 @@ def _is_tiff(path: Path) -> bool:
     return head in _TIFF_MAGIC
 
 
+def _check_decoded_size(path: Path, n_bytes: int, *, compressed: bool) -> None:
+    """Refuse an image whose header promises more pixels than the file can hold (before decoding it)."""
+    size = path.stat().st_size
+    limit = size * DEFLATE_MAX_RATIO if compressed else size
+    if n_bytes <= 0 or n_bytes > limit:
+        raise CorruptFileError(f"image header promises {n_bytes} bytes of pixels, which a {size}-byte file "
+                               "cannot hold", path)
+
+
 def _tiff_pages(path: Path) -> tuple[list[npt.NDArray[np.float32]], int]:
     """Pages of a TIFF as 2-D float32 arrays, and the source bit depth (tifffile)."""
     import tifffile
@@ -92,6 +109,8 @@ def _tiff_pages(path: Path) -> tuple[list[npt.NDArray[np.float32]], int]:
         for page in tif.pages:
             if getattr(page, "is_reduced", False):  # thumbnails / pyramid levels
                 continue
+            _check_decoded_size(path, int(np.prod(page.shape, dtype=np.int64)) * np.dtype(page.dtype).itemsize
+                                if page.dtype is not None else 0, compressed=int(page.compression) != 1)
             arr = page.asarray()
             axes = page.axes
             photometric = int(page.photometric)
@@ -169,8 +188,13 @@ def _read_frames(path: Path) -> tuple[list[npt.NDArray[np.float32]], int, str]:
                 raise
             except Exception:  # e.g. a compression tifffile cannot decode here: let Pillow try
                 pass
-        with Image.open(path) as img:
+        # BoundedReader: a damaged chunk length must not make Pillow allocate more than the file holds
+        with BoundedReader(path) as fh, Image.open(fh) as img:
             fmt = (img.format or "image").lower()
+            width, height = img.size
+            bands = len(img.getbands())
+            _check_decoded_size(path, width * height * bands * (2 if img.mode.startswith("I;16") else 1)
+                                // (8 if img.mode == "1" else 1), compressed=True)
             if fmt == "tiff":
                 out = [_pil_frame(frame, path) for frame in ImageSequence.Iterator(img)]
                 return [f for f, _ in out], out[0][1], fmt
@@ -183,8 +207,9 @@ def _read_frames(path: Path) -> tuple[list[npt.NDArray[np.float32]], int, str]:
         raise FormatError("not a readable image (PNG, JPEG, TIFF or BMP)", path) from exc
     except Image.DecompressionBombError as exc:
         raise CorruptFileError(f"image too large to be a B-scan: {exc}", path) from exc
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise CorruptFileError(f"cannot decode image: {exc}", path) from exc
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, MemoryError, OverflowError, TypeError,
+            IndexError, KeyError, ZeroDivisionError) as exc:
+        raise CorruptFileError(f"cannot decode image: {type(exc).__name__}: {exc}", path) from exc
 
 
 def _volume(data: npt.NDArray[np.float32], *, depth: int, fmt: str, source: Path,
@@ -247,6 +272,8 @@ def read_bscan_image(path: str | Path) -> OctVolume:
         raise FormatError("is a folder; use read_bscan_folder", path)
     frames, depth, fmt = _read_frames(path)
     shape = frames[0].shape
+    if len(shape) != 2 or min(shape) < 1:
+        raise CorruptFileError(f"decoded image has shape {shape}, not a 2-D B-scan", path)
     for i, frame in enumerate(frames):
         if frame.shape != shape:
             raise CorruptFileError(f"page {i} has size {frame.shape}, page 0 has {shape}", path)

@@ -53,7 +53,7 @@ from nibabel.openers import ImageOpener
 from nibabel.spatialimages import HeaderDataError
 
 from octpipe.errors import CorruptFileError, FormatError, UnsupportedFormatError
-from octpipe.io._common import atomic_output, check_writable, file_sha256, make_provenance
+from octpipe.io._common import DEFLATE_MAX_RATIO, atomic_output, check_writable, file_sha256, make_provenance
 from octpipe.io.images import DEFAULT_SPACING_MM
 from octpipe.volume import OctVolume
 
@@ -194,6 +194,11 @@ def _source_files(img: nib.Nifti1Pair | nib.Nifti2Pair, path: Path) -> list[Path
     return files or [path]
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception's message as one line (nibabel's span several)."""
+    return " ".join(str(exc).split())[:300]
+
+
 def _starts_like_nifti(path: Path) -> bool:
     """Tell whether a file begins with a NIfTI-1/2 ``sizeof_hdr`` (348 or 540), gzipped or not."""
     try:
@@ -253,7 +258,8 @@ def read_nifti(path: str | Path) -> OctVolume:
         column norms), ``laterality=None``, ``intensity="display"``,
         ``scan_pattern`` ``"volume"`` or ``"line"``. ``meta`` holds
         ``octpipe_layout`` (True for files written by :func:`write_nifti`), the
-        stored ``dtype`` and ``description`` (the header's ``descrip``).
+        stored ``dtype`` and ``description`` (the header's ``descrip``). NaN/Inf
+        voxels are 0 in ``data`` and True in ``invalid`` (None when there are none).
 
     Raises
     ------
@@ -284,9 +290,17 @@ def read_nifti(path: str | Path) -> OctVolume:
     except ImageFileError as exc:
         if _starts_like_nifti(path):
             raise CorruptFileError("NIfTI header is truncated or damaged", path) from exc
-        raise FormatError(f"not a NIfTI file ({exc})", path) from exc
-    except (EOFError, OSError, ValueError, zlib.error, gzip.BadGzipFile) as exc:
-        raise CorruptFileError(f"cannot read the NIfTI header: {exc}", path) from exc
+        raise FormatError(f"not a NIfTI file ({_one_line(exc)})", path) from exc
+    except (EOFError, OSError, ValueError, zlib.error, gzip.BadGzipFile, HeaderDataError, OverflowError) as exc:
+        raise CorruptFileError(f"cannot read the NIfTI header: {_one_line(exc)}", path) from exc
+    try:
+        return _volume_from_image(img, path)
+    except (HeaderDataError, OverflowError, ValueError, TypeError, zlib.error, EOFError) as exc:
+        raise CorruptFileError(f"damaged NIfTI header: {type(exc).__name__}: {_one_line(exc)}", path) from exc
+
+
+def _volume_from_image(img: nib.Nifti1Pair | nib.Nifti2Pair, path: Path) -> OctVolume:
+    """The body of :func:`read_nifti` once nibabel has parsed the header."""
     if not isinstance(img, (nib.Nifti1Pair, nib.Nifti2Pair)):  # the Image classes are subclasses
         raise FormatError(f"not a NIfTI file (nibabel read it as {type(img).__name__})", path)
 
@@ -308,17 +322,25 @@ def read_nifti(path: str | Path) -> OctVolume:
     image_file = files[-1]
     if not image_file.exists():
         raise CorruptFileError(f"image file {image_file.name} of the header/image pair is missing", path)
-    if not str(image_file).endswith(".gz"):
-        offset = int(header.get_data_offset())
-        needed = offset + n_voxels * dtype.itemsize
-        have = image_file.stat().st_size
-        if have < needed:
-            raise CorruptFileError(f"header says {needed} bytes (shape {shape}, {dtype}) but the file has {have}",
-                                   path)
+    offset = float(header.get_data_offset())
+    if not (np.isfinite(offset) and 0 <= offset < _MAX_VOLUME_BYTES):
+        raise CorruptFileError(f"implausible vox_offset {offset}", path)
+    needed = int(offset) + n_voxels * dtype.itemsize
+    have = image_file.stat().st_size
+    if str(image_file).endswith(".gz"):
+        # the decoded size is unknown before decompressing, but deflate expands at most 1032-fold:
+        # refuse a shape that this file cannot hold before anything of that size is allocated
+        if needed > have * DEFLATE_MAX_RATIO:
+            raise CorruptFileError(f"header says {needed} bytes (shape {shape}, {dtype}), more than "
+                                   f"{have} gzip bytes can hold", path)
+    elif have < needed:
+        raise CorruptFileError(f"header says {needed} bytes (shape {shape}, {dtype}) but the file has {have}",
+                               path)
     try:
-        values = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+        with np.errstate(all="ignore"):  # a damaged scl_slope gives inf/NaN, marked invalid below
+            values = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
     except (EOFError, OSError, ValueError, zlib.error, gzip.BadGzipFile) as exc:
-        raise CorruptFileError(f"cannot read the image data (truncated?): {exc}", path) from exc
+        raise CorruptFileError(f"cannot read the image data (truncated?): {_one_line(exc)}", path) from exc
 
     intent = _header_text(header["intent_name"])
     ours = intent == OCTPIPE_INTENT_NAME and len(shape) == 3
@@ -335,8 +357,14 @@ def read_nifti(path: str | Path) -> OctVolume:
     descrip = _header_text(header["descrip"])
 
     prov, vid = make_provenance(path, reader="nifti", format="nifti", sha256=file_sha256(files))
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    invalid = ~np.isfinite(data)  # NaN/Inf voxels (or a damaged scl_slope): "no data", as in .vol files
+    if invalid.any():
+        data = data.copy() if not data.flags.writeable else data
+        data[invalid] = 0.0
     return OctVolume(
-        data=np.ascontiguousarray(data, dtype=np.float32),
+        data=data,
+        invalid=invalid if invalid.any() else None,
         spacing_mm=spacing,
         spacing_source=source,
         laterality=None,

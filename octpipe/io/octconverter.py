@@ -295,7 +295,7 @@ def _check_jpeg_image(path: Path, where: tuple[int, int]) -> None:
     end = start + size
     if size < _IMG_JPEG_HEADER.size:
         raise CorruptFileError(f"chunk @IMG_JPEG holds {size} bytes, less than its image header", path)
-    slices = _IMG_JPEG_HEADER.unpack(_read_at(path, start, _IMG_JPEG_HEADER.size))[5]
+    _, _, _, width, height, slices, _ = _IMG_JPEG_HEADER.unpack(_read_at(path, start, _IMG_JPEG_HEADER.size))
     if slices == 0 or 4 * slices > size - _IMG_JPEG_HEADER.size:
         raise CorruptFileError(f"chunk @IMG_JPEG declares {slices} B-scans, which do not fit its {size} bytes", path)
     pos = start + _IMG_JPEG_HEADER.size
@@ -306,6 +306,16 @@ def _check_jpeg_image(path: Path, where: tuple[int, int]) -> None:
             n = int.from_bytes(raw, "little", signed=True) if len(raw) == 4 else -1
             if n < 0 or pos + 4 + n > end:
                 raise CorruptFileError(f"chunk @IMG_JPEG: B-scan {i} declares {n} bytes, beyond the chunk end", path)
+            if i == 0:
+                # oct-converter allocates height x width per B-scan from the chunk header and pastes the
+                # decoded image in: a damaged size would make a huge, mostly empty volume. The JPEG 2000
+                # codestream (SOC FF4F, SIZ FF51) states the real size: they must agree.
+                siz = fh.read(24)
+                if len(siz) == 24 and siz[:4] == b"\xff\x4f\xff\x51":
+                    xsiz, ysiz, x0, y0 = struct.unpack(">4I", siz[8:24])
+                    if (xsiz - x0, ysiz - y0) != (width, height):
+                        raise CorruptFileError(f"chunk @IMG_JPEG declares {height}x{width} B-scans, its JPEG 2000 "
+                                               f"codestream holds {ysiz - y0}x{xsiz - x0}", path)
             pos += 4 + n
 
 

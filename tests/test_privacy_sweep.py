@@ -1,0 +1,101 @@
+"""Privacy sweep: identifiers written into DICOM, .vol, E2E and XML inputs appear in no output byte."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from octpipe.cli import main
+from octpipe.testing.privacy import IDENTIFIERS, assert_no_identifiers, find_identifiers
+from tests.conftest import small_phantom
+
+ID = IDENTIFIERS
+
+
+def _days_since_1899(date: str) -> float:
+    return float((_dt.date.fromisoformat(date) - _dt.date(1899, 12, 30)).days)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """One phantom in four formats, each carrying the identifiers its format has room for (neutral file names)."""
+    from octpipe.io.dicom import write_dicom_opt
+    from octpipe.io.heyex_e2e import write_heyex_e2e_minimal
+    from octpipe.io.heyex_vol import write_heyex_vol
+    from octpipe.io.heyex_xml import write_heyex_xml
+    from octpipe.preprocess.intensity import linear_to_display
+
+    src = tmp_path_factory.mktemp("privacy") / "src"
+    ph = small_phantom(seed=11)
+    u8 = np.round(linear_to_display(ph.data) * 255).astype(np.uint8)
+    layers = {"ILM": ph.ilm, "BM": ph.bm}
+    write_heyex_vol(src / "a.vol", ph.data, spacing_mm=ph.spacing_mm, laterality=ph.laterality, layers=layers,
+                    patient_id=ID["patient_id"],
+                    identifying={"DOB": _days_since_1899(ID["birth_date"]), "VisitID": ID["visit_id"],
+                                 "ID": ID["device_serial"][:15], "PID": 4417983})
+    write_dicom_opt(src / "b.dcm", u8, spacing_mm=ph.spacing_mm, laterality=ph.laterality,
+                    patient_id=ID["patient_id"],
+                    identifying={"PatientName": f"{ID['last_name']}^{ID['first_name']}",
+                                 "PatientBirthDate": ID["birth_date"].replace("-", ""),
+                                 "DeviceSerialNumber": ID["device_serial"], "InstitutionName": ID["institution"],
+                                 "OtherPatientIDs": ID["visit_id"]})
+    write_heyex_e2e_minimal(src / "c.E2E", [np.clip(ph.data, 0, 1.9)], lateralities=[ph.laterality],
+                            patient_name=f"{ID['first_name']} {ID['last_name']}")
+    write_heyex_xml(src / "d_xml", u8, spacing_mm=ph.spacing_mm, laterality=ph.laterality, layers=layers,
+                    patient={"LastName": ID["last_name"], "FirstNames": ID["first_name"],
+                             "BirthDate": ID["birth_date"], "PatientID": ID["patient_id"]})
+    # the inputs really carry the identifiers (else the sweep below proves nothing)
+    for name, needle in (("a.vol", ID["patient_id"]), ("b.dcm", ID["device_serial"]),
+                         ("b.dcm", ID["birth_date"].replace("-", "")), ("d_xml", ID["last_name"])):
+        assert find_identifiers([src / name], [needle]), (name, needle)
+    assert find_identifiers([src / "c.E2E"], {"last_name": ID["last_name"], "first_name": ID["first_name"]})
+    return src
+
+
+def test_pipeline_outputs_carry_no_identifiers(inputs, tmp_path, capsys):
+    store = tmp_path / "cohort.zarr"
+    texts: dict[str, str] = {}
+
+    def run(name: str, *argv: str) -> int:
+        code = main(["--no-progress", "-v", *argv])
+        out, err = capsys.readouterr()
+        texts[f"{name} stdout"], texts[f"{name} stderr"] = out, err
+        return code
+
+    assert run("ingest", "ingest", str(inputs), "-o", str(store), "--workers", "0") == 0, texts["ingest stderr"]
+    from octpipe.store import complete_volumes
+
+    # .vol, DICOM, E2E and the XML export (whose B-scan PNGs are also picked up as images) were all ingested
+    assert len(complete_volumes(store)) >= 4
+    assert run("patches", "patches", str(store), "--split", "test", "--workers", "0") == 0
+    for name in ("a.vol", "b.dcm", "c.E2E", "d_xml/export.xml"):
+        assert run(f"info {name}", "info", str(inputs / name), "--json") == 0
+        assert run(f"info-table {name}", "info", str(inputs / name)) == 0
+        assert run(f"layers {name}", "layers", str(inputs / name), "-o", str(tmp_path / f"{name[:5]}-layers.npz")) == 0
+    outputs = [store, tmp_path / "cohort-manifest.csv", *tmp_path.glob("*-layers.npz")]
+    n_files = assert_no_identifiers(outputs, IDENTIFIERS, texts=texts)
+    assert n_files > 20  # store arrays and attrs, manifests, logs, layer files
+
+
+def test_reader_volumes_carry_no_identifiers(inputs):
+    """Nothing identifying reaches an OctVolume (meta, provenance, layers) of any of the four readers."""
+    from octpipe.io import read_volumes
+
+    for name in ("a.vol", "b.dcm", "c.E2E", "d_xml/export.xml"):
+        for vol in read_volumes(inputs / name):
+            text = repr(vol.meta) + repr(vol.provenance) + repr(sorted(vol.layers)) + str(vol.volume_id)
+            assert not find_identifiers([], IDENTIFIERS, texts={name: text}), name
+
+
+def test_the_sweep_finds_a_leak(tmp_path):
+    """The checker itself: a UTF-16 name, a DICOM-style date and a name in a file name are all found."""
+    (tmp_path / "a.bin").write_bytes(b"\0" + f"{ID['last_name']}".encode("utf-16-le") + b"\0")
+    (tmp_path / "b.json").write_text('{"dob": "' + ID["birth_date"].replace("-", "") + '"}')
+    (tmp_path / f"scan_{ID['patient_id']}.txt").write_text("nothing inside")
+    with pytest.raises(AssertionError) as info:
+        assert_no_identifiers([tmp_path])
+    text = str(info.value)
+    assert "utf-16-le" in text and "19370519" in text and "(name)" in text
