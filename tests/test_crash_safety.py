@@ -264,3 +264,45 @@ def test_load_benchmark_small(tmp_path):
     result = json.loads(out.read_text())
     assert result["nothing_lost"] and result["complete_volumes"] == 6
     assert result["worker_peak_below_limit"]
+
+
+def _export_checksums(out: Path) -> dict[str, dict[str, str]]:
+    import nibabel as nib
+
+    sums = {}
+    for summary in sorted(out.glob("*/summary.json")):
+        folder = summary.parent
+        sums[folder.name] = {
+            "windows.csv": hashlib.sha256((folder / "windows.csv").read_bytes()).hexdigest(),
+            "anomaly": hashlib.sha256(np.asarray(nib.load(folder / "anomaly.nii.gz").dataobj).tobytes()).hexdigest(),
+        }
+    return sums
+
+
+def test_export_killed_mid_run_then_resumed_equals_clean_run(clean_store, tmp_path):
+    from octpipe.export.anomaly import MapSettings
+    from octpipe.export.run import export_store
+    from tests.export.test_export import save_model_dir
+
+    model = save_model_dir(tmp_path / "model", size=32)
+    settings = ["--stride", "32", "--precision", "fp32", "--workers", "0"]
+    clean = tmp_path / "clean"
+    export_store(clean_store, model, clean, settings=MapSettings(stride=32, precision="fp32"))
+    expected = _export_checksums(clean)
+    assert len(expected) == N_VOLUMES
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_octpipe("export", str(clean_store), "--model", str(model), "-o", str(out), *settings),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = _kill_when(proc, lambda: len(list(out.glob("*/summary.json"))) >= 2)
+    assert killed, "the export finished before it could be killed"
+    done_before = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
+    assert 2 <= len(done_before) < N_VOLUMES
+    # nothing that is not finished looks finished: every volume folder has its summary, the rest is staging
+    assert all((d / "summary.json").is_file() for d in out.iterdir() if d.is_dir() and not d.name.startswith("."))
+    code = subprocess.run(_octpipe("export", str(clean_store), "--model", str(model), "-o", str(out), *settings),
+                          capture_output=True, text=True).returncode
+    assert code == 0
+    assert not list(out.glob(".staging-*"))
+    assert {v: (out / v / "summary.json").stat().st_mtime_ns for v in done_before} == done_before  # not redone
+    assert _export_checksums(out) == expected

@@ -99,3 +99,26 @@ def test_the_sweep_finds_a_leak(tmp_path):
         assert_no_identifiers([tmp_path])
     text = str(info.value)
     assert "utf-16-le" in text and "19370519" in text and "(name)" in text
+
+
+def test_export_outputs_carry_no_identifiers(inputs, tmp_path, capsys):
+    """Maps, NIfTI, DICOM (de-identified source, PM, SEG, SC), PNG, GIF, HTML, CSV and JSON of the export."""
+    from tests.export.test_export import save_model_dir
+
+    store = tmp_path / "cohort.zarr"
+    assert main(["--no-progress", "ingest", str(inputs), "-o", str(store), "--workers", "0"]) == 0
+    model = save_model_dir(tmp_path / "model", size=32)
+    out = tmp_path / "exports"
+    texts: dict[str, str] = {}
+    code = main(["--no-progress", "-v", "export", str(store), "--model", str(model), "-o", str(out),
+                 "--stride", "32", "--source-root", str(inputs.parent)])
+    texts["store stdout"], texts["store stderr"] = capsys.readouterr()
+    assert code == 0, texts["store stderr"]
+    code = main(["--no-progress", "-v", "export", str(inputs / "b.dcm"), "--model", str(model), "-o",
+                 str(tmp_path / "one"), "--stride", "32"])
+    texts["file stdout"], texts["file stderr"] = capsys.readouterr()
+    assert code == 0, texts["file stderr"]
+    # the DICOM source went the Parametric Map way (its de-identified copy is among the outputs)
+    assert list((tmp_path / "one").glob("*/dicom/source-deid.dcm")) and list(out.glob("*/dicom/anomaly-seg.dcm"))
+    n_files = assert_no_identifiers([out, tmp_path / "one"], IDENTIFIERS, texts=texts)
+    assert n_files > 40

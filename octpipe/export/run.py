@@ -22,12 +22,14 @@ volumes already done, and writes the screening index ``index.html`` and ``index.
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -303,8 +305,9 @@ def export_file(path: str | Path, model_dir: str | Path, out_dir: str | Path, *,
     if _is_done(out, vol.volume_id) and not overwrite:
         return ExportResult(out, [], [vol.volume_id], {}, time.perf_counter() - t0)
     out.mkdir(parents=True, exist_ok=True)
-    export_volume(vol, model, out, settings=settings)
-    write_index(out)
+    with _out_lock(out):
+        export_volume(vol, model, out, settings=settings)
+        write_index(out)
     return ExportResult(out, [vol.volume_id], [], {}, time.perf_counter() - t0)
 
 
@@ -368,6 +371,29 @@ def export_store(store: str | Path, model_dir: str | Path, out_dir: str | Path, 
         raise OctpipeError(f"no complete volume {', '.join(unknown)} in the store", store)
     load_run(model_dir)  # fail early on a missing or unreadable model
     out.mkdir(parents=True, exist_ok=True)
+    with _out_lock(out):
+        return _export_store_locked(store, model_dir, out, chosen, settings, workers, scheduler, overwrite,
+                                    source_root, progress, t0)
+
+
+@contextmanager
+def _out_lock(out: Path) -> Iterator[None]:
+    """One export at a time per output folder; clears what a killed export left in staging."""
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise OctpipeError("another octpipe export is writing this folder; wait for it to finish", out) from None
+        for stale in out.glob(".staging-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _export_store_locked(store, model_dir, out: Path, chosen: list[str], settings: MapSettings, workers, scheduler,
+                         overwrite: bool, source_root, progress, t0: float) -> ExportResult:
     todo = [v for v in chosen if overwrite or not _is_done(out, v)]
     skipped = [v for v in chosen if v not in todo]
     for v in skipped:

@@ -318,3 +318,42 @@ def test_index_lists_every_exported_volume(tmp_path, prepared):
     export_volume(prepared, untrained_model(), tmp_path, settings=MapSettings(precision="fp32"), dicom=False)
     csv_path, html_path = write_index(tmp_path)
     assert prepared.volume_id in csv_path.read_text() and prepared.volume_id in html_path.read_text()
+
+
+def test_dask_store_export_equals_in_process_export(tmp_path, trained):
+    store, run = trained
+    settings = MapSettings(stride=32, precision="fp32")
+    serial = export_store(store, run, tmp_path / "serial", settings=settings, workers=0)
+    parallel = export_store(store, run, tmp_path / "dask", settings=settings, workers=2)
+    assert sorted(parallel.done) == sorted(serial.done) and not parallel.failed
+    for vid in serial.done:
+        a = (tmp_path / "serial" / vid / "windows.csv").read_text()
+        b = (tmp_path / "dask" / vid / "windows.csv").read_text()
+        assert a == b
+
+
+def save_model_dir(folder, size: int = 32, seed: int = 0):
+    """An untrained model with a calibration, saved as a run folder (``model.pt``) that load_run reads."""
+    from octpipe.models.fanogan.checkpoint import provenance, save_atomic
+
+    m = untrained_model(size=size, seed=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_atomic({"format": "octpipe-fanogan/1", "stage": "bundle", "config": m.config.to_dict(), **provenance(),
+                 "generator": m.generator.state_dict(), "discriminator": m.discriminator.state_dict(),
+                 "encoder": m.encoder.state_dict(), "calibration": m.calibration, "counters": {}},
+                folder / "model.pt")
+    return folder
+
+
+def test_a_second_export_into_the_same_folder_is_refused(tmp_path, trained):
+    from octpipe.errors import OctpipeError
+    from octpipe.export.run import _out_lock
+
+    store, run = trained
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / ".staging-abc-123").mkdir()  # left by a killed export
+    with _out_lock(out):
+        assert not (out / ".staging-abc-123").exists()
+        with pytest.raises(OctpipeError, match="another octpipe export"):
+            export_store(store, run, out)
