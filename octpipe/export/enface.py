@@ -33,6 +33,8 @@ __all__ = [
 ETDRS_SECTORS = ("C", "IS", "IN", "II", "IT", "OS", "ON", "OI", "OT")
 #: Ring radii of the ETDRS grid in mm (1, 3 and 6 mm diameters).
 ETDRS_RADII_MM = (0.5, 1.5, 3.0)
+#: The fovea is searched within this distance of the scan centre (scans are fovea-centred).
+SEARCH_RADIUS_MM = 1.5
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,8 @@ class FovealCentre:
         Position on the source grid (B-scan index, A-scan index).
     method : str
         ``thickness_minimum``: the thinnest retina (smoothed ILM-BM distance) within 1.5 mm of
-        the scan centre; ``scan_centre`` when the thickness is unavailable.
+        the scan centre; ``scan_centre`` when the thickness is unavailable or its minimum lies on
+        the edge of that disc (no foveal pit found, as with central fluid).
     """
 
     bscan: float
@@ -100,8 +103,11 @@ def find_fovea(ilm: npt.ArrayLike, bm: npt.ArrayLike, spacing_mm: tuple[float, f
     smooth = ndi.gaussian_filter(filled, sigma, mode="nearest")
     zz, xx = np.meshgrid(np.arange(nz), np.arange(nx), indexing="ij")
     r = np.hypot((zz - (nz - 1) / 2.0) * dz, (xx - (nx - 1) / 2.0) * dx)
-    smooth = np.where(r <= 1.5, smooth, np.inf)
+    smooth = np.where(r <= SEARCH_RADIUS_MM, smooth, np.inf)
     b, a = np.unravel_index(int(np.argmin(smooth)), smooth.shape)
+    if r[b, a] > 0.9 * SEARCH_RADIUS_MM:
+        # no pit inside the search disc (e.g. central fluid thickens the fovea): trust the fovea-centred scan
+        return FovealCentre((nz - 1) / 2.0, (nx - 1) / 2.0, "scan_centre")
     return FovealCentre(float(b), float(a), "thickness_minimum")
 
 

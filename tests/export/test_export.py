@@ -357,3 +357,11 @@ def test_a_second_export_into_the_same_folder_is_refused(tmp_path, trained):
         assert not (out / ".staging-abc-123").exists()
         with pytest.raises(OctpipeError, match="another octpipe export"):
             export_store(store, run, out)
+
+
+def test_fovea_falls_back_to_the_scan_centre_when_no_pit_is_found():
+    ilm = np.zeros((21, 201))
+    zz, xx = np.meshgrid(np.arange(21), np.arange(201), indexing="ij")
+    bm = 100.0 + 0.5 * xx  # thinnest at the left edge, no pit near the centre
+    centre = find_fovea(ilm, bm, (0.12, 0.004, 0.012))
+    assert centre.method == "scan_centre" and (centre.bscan, centre.ascan) == (10.0, 100.0)
