@@ -50,6 +50,7 @@ def _root(
 
 # Register subcommands (each module adds its command to ``app``; heavy imports stay inside).
 from octpipe.cli import demo as _demo  # noqa: E402,F401
+from octpipe.cli import evaluate as _evaluate  # noqa: E402,F401
 from octpipe.cli import export as _export  # noqa: E402,F401
 from octpipe.cli import info as _info  # noqa: E402,F401
 from octpipe.cli import ingest as _ingest  # noqa: E402,F401
