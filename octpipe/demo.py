@@ -2,8 +2,9 @@
 
 It always does real work: it makes the phantoms, writes them in vendor formats, reads
 them back through octpipe's readers and checks the result against the truth, and draws
-the figures. As later stages land (ingest, patches, training, anomaly maps), they are
-added here.
+the figures, ingests the folder with Dask, cuts patch datasets, and ends with the anomaly
+maps and clinical report of the bundled f-AnoGAN model (``models/fanogan-phantom``) for a
+healthy phantom and a phantom with fluid, with the screening index that ranks them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import numpy as np
 from octpipe.errors import OctpipeError
 from octpipe.volume import OctVolume
 
-__all__ = ["run_demo", "DEMO_LESIONS"]
+__all__ = ["run_demo", "DEMO_LESIONS", "BUNDLED_MODEL"]
+
+#: The bundled trained model (a run folder with model.pt, calibration and model card).
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "fanogan-phantom"
 
 #: Lesions of the demo's diseased phantoms: one of each kind, default sizes.
 DEMO_LESIONS = "irf,srf,ped,drusen,hrf"
@@ -123,7 +127,7 @@ def run_demo(out: Path, *, n: int = 4, seed: int = 0, progress: bool = False,
     geometry = {k: v for k, v in (("shape", shape), ("spacing_mm", spacing_mm)) if v is not None}
     cohort = make_cohort(n, seed=seed, lesions=parse_lesion_specs(DEMO_LESIONS), healthy_fraction=0.5, **geometry)
     manifest = write_cohort(cohort, phantom_dir, progress=progress)
-    echo(f"[1/5] phantoms: {n} volumes in vol/dicom/nifti/png -> {phantom_dir} (manifest {manifest.name})")
+    echo(f"[1/6] phantoms: {n} volumes in vol/dicom/nifti/png -> {phantom_dir} (manifest {manifest.name})")
     summary["stages"]["phantoms"] = {"folder": str(phantom_dir), "manifest": str(manifest), "n": n}
 
     # 2. read every file back through octpipe's readers and compare with the truth
@@ -158,7 +162,7 @@ def run_demo(out: Path, *, n: int = 4, seed: int = 0, progress: bool = False,
         writer.writeheader()
         writer.writerows(rows)
     n_ok = sum(r["ok"] for r in rows)
-    echo(f"[2/5] read back: {n_ok}/{len(rows)} files match the truth (shape, spacing, laterality, ILM/BM) "
+    echo(f"[2/6] read back: {n_ok}/{len(rows)} files match the truth (shape, spacing, laterality, ILM/BM) "
          f"-> {readback}")
     summary["stages"]["readback"] = {"table": str(readback), "ok": n_ok, "total": len(rows)}
 
@@ -168,7 +172,7 @@ def run_demo(out: Path, *, n: int = 4, seed: int = 0, progress: bool = False,
     store = out / "store.zarr"
     result = ingest([phantom_dir], store, workers=workers, progress=progress)
     c = result.counts
-    echo(f"[3/5] ingest: {c['ok']} volumes written, {c['skipped']} non-OCT files skipped, {c['failed']} failed "
+    echo(f"[3/6] ingest: {c['ok']} volumes written, {c['skipped']} non-OCT files skipped, {c['failed']} failed "
          f"in {result.seconds} s -> {store} (manifest {result.manifest.name})")
     summary["stages"]["ingest"] = {"store": str(store), "manifest": str(result.manifest), **c,
                                    "seconds": result.seconds}
@@ -184,7 +188,7 @@ def run_demo(out: Path, *, n: int = 4, seed: int = 0, progress: bool = False,
         patch_stats[split] = {"n": res.n_patches, "volumes": res.n_volumes, "labels": res.label_counts,
                               "seconds": res.seconds}
     tr, te = patch_stats["train"], patch_stats["test"]
-    echo(f"[4/5] patches: train {tr['n']} from {tr['volumes']} healthy volumes; test {te['n']} "
+    echo(f"[4/6] patches: train {tr['n']} from {tr['volumes']} healthy volumes; test {te['n']} "
          f"(anomalous {te['labels'][1]}, normal {te['labels'][0]}) -> {store / 'patches'}")
     summary["stages"]["patches"] = patch_stats
     if not te["labels"][1] or not te["labels"][0]:
@@ -198,6 +202,48 @@ def run_demo(out: Path, *, n: int = 4, seed: int = 0, progress: bool = False,
         png = out / "figures" / f"{entry['name']}.png"
         _figure(phantom_dir / entry["truth_npz"], linear_to_display(vol.data), truth, png)
         figures.append(str(png))
-    echo(f"[5/5] figures: {len(figures)} B-scan + en-face truth figures -> {out / 'figures'}")
+    echo(f"[5/6] figures: {len(figures)} B-scan + en-face truth figures -> {out / 'figures'}")
     summary["stages"]["figures"] = figures
+
+    # 6. anomaly maps, reports and the screening index with the bundled model
+    summary["stages"]["export"] = _export_stage(out, phantom_dir, store, result.manifest, entries, echo, summary)
     return summary
+
+
+def _export_stage(out: Path, phantom_dir: Path, store: Path, manifest: Path, entries: list[dict],
+                  echo: Callable[[str], object], summary: dict) -> dict:
+    """Export one healthy phantom (.vol) and one with fluid (DICOM, so the Parametric Map path runs)."""
+    import json
+
+    from octpipe.export.anomaly import MapSettings
+    from octpipe.export.run import export_store
+
+    if not (BUNDLED_MODEL / "model.pt").is_file():
+        summary["failures"].append(f"export: no bundled model at {BUNDLED_MODEL}")
+        echo(f"[6/6] export: skipped, no bundled model at {BUNDLED_MODEL}")
+        return {}
+    with open(manifest) as fh:
+        ingested = {row["path"]: row["volume_id"] for row in csv.DictReader(fh) if row.get("volume_id")}
+    healthy = [e for e in entries if not json.loads((phantom_dir / e["truth_json"]).read_text())["diseased"]]
+    diseased = [e for e in entries if e not in healthy]
+    chosen = {}
+    if healthy:
+        chosen[ingested[f"{phantom_dir.name}/{healthy[0]['vol']}"]] = ("healthy", healthy[0]["name"], "vol")
+    if diseased:
+        chosen[ingested[f"{phantom_dir.name}/{diseased[0]['dicom']}"]] = ("fluid", diseased[0]["name"], "dicom")
+    export_dir = out / "export"
+    res = export_store(store, BUNDLED_MODEL, export_dir, volume_ids=list(chosen), workers=0,
+                       settings=MapSettings(), source_root=phantom_dir.parent)  # store paths start at it
+    ranked = []
+    with open(export_dir / "index.csv") as fh:
+        for row in csv.DictReader(fh):
+            kind, name, fmt = chosen[row["volume_id"]]
+            ranked.append({"volume_id": row["volume_id"], "phantom": name, "format": fmt, "truth": kind,
+                           "volume_score": float(row["volume_score"]), "percentile": row["volume_percentile"],
+                           "report": str(export_dir / row["report"])})
+    summary["failures"] += [f"export {vid}: {reason}" for vid, reason in res.failed.items()]
+    order = ", ".join(f"{r['truth']} {r['phantom']} ({r['volume_score']:.3g})" for r in ranked)
+    echo(f"[6/6] export: anomaly maps and reports of {len(res.done)} volumes in {res.seconds:.0f} s with "
+         f"{BUNDLED_MODEL.name}; ranked {order} -> {export_dir / 'index.html'}")
+    return {"folder": str(export_dir), "index": str(export_dir / "index.html"), "ranked": ranked,
+            "seconds": round(res.seconds, 1), "model": str(BUNDLED_MODEL)}

@@ -1,5 +1,6 @@
 import csv
 import json
+from pathlib import Path
 
 from octpipe.cli import main
 from octpipe.demo import run_demo
@@ -11,7 +12,7 @@ def test_demo_runs_every_stage_on_phantoms(tmp_path):
     summary = run_demo(tmp_path, n=2, seed=1, echo=lines.append, shape=(3, 248, 256), spacing_mm=SMALL_SPACING,
                        workers=0)
     assert summary["failures"] == []
-    assert len(lines) == 5 and lines[0].startswith("[1/5] phantoms")
+    assert len(lines) == 6 and lines[0].startswith("[1/6] phantoms")
     with open(tmp_path / "readback.csv") as fh:
         rows = list(csv.DictReader(fh))
     # 2 phantoms x 4 formats, each read back by octpipe with the phantom's geometry
@@ -27,6 +28,13 @@ def test_demo_runs_every_stage_on_phantoms(tmp_path):
     patches = summary["stages"]["patches"]
     assert patches["train"]["n"] > 0 and patches["test"]["labels"][1] > 0
     assert all((tmp_path / "figures" / f"phantom-000{k}.png").stat().st_size > 10_000 for k in range(2))
+    # the bundled model mapped a healthy (.vol) and a diseased (DICOM) phantom, with reports and an index
+    export = summary["stages"]["export"]
+    assert {r["truth"] for r in export["ranked"]} == {"healthy", "fluid"}
+    assert all(Path(r["report"]).is_file() for r in export["ranked"])
+    assert (tmp_path / "export" / "index.html").is_file()
+    dicom_volume = next(r for r in export["ranked"] if r["format"] == "dicom")["volume_id"]
+    assert (tmp_path / "export" / dicom_volume / "dicom" / "anomaly-map-pm.dcm").is_file()
 
 
 def test_demo_command_refuses_existing_output(tmp_path, capsys):
