@@ -17,7 +17,7 @@ import os
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -212,6 +212,26 @@ def _load_mask(path: Path | None, shape: tuple[int, ...]) -> np.ndarray | None:
     return mask
 
 
+def hashed_path(rel: str, salt: str) -> str:
+    """A path replaced by a salted hash that keeps only a short file extension.
+
+    The same path in the same store always gives the same name, so reruns and manifests
+    still line up; the name cannot be read back without the original path.
+
+    Examples
+    --------
+    >>> hashed_path("Doe_John/1937-05-19.vol", "salt") == hashed_path("Doe_John/1937-05-19.vol", "salt")
+    True
+    >>> hashed_path("Doe_John/1937-05-19.vol", "salt").endswith(".vol")
+    True
+    """
+    from octpipe.privacy import pseudonymous_id
+
+    suffix = Path(rel).suffix.lower()
+    keep = suffix if 1 < len(suffix) <= 6 and suffix[1:].isalnum() and not suffix[1:].isdigit() else ""
+    return f"file-{pseudonymous_id(salt, rel)}{keep}"
+
+
 def ingest_one(item: InputFile, store: str, salt: str, complete: dict[tuple[str, int], str], *,
                overwrite: bool = False, config: PreprocessConfig | None = None,
                label: int | None = None) -> list[dict[str, object]]:
@@ -322,6 +342,7 @@ def ingest(
     label: int | None = None,
     progress: bool = False,
     echo: Callable[[str], object] | None = None,
+    hash_paths: bool = False,
 ) -> IngestResult:
     """Ingest every OCT file under ``sources`` into the Zarr ``store``.
 
@@ -353,6 +374,10 @@ def ingest(
         Show a progress bar.
     echo : callable, optional
         Receives one line per failed input as it happens.
+    hash_paths : bool, default False
+        Record :func:`hashed_path` names instead of the inputs' relative paths in the
+        manifest, the store's ``source`` attributes and the logs, for file or folder names
+        that carry patient names. Volumes stay traceable through their ``sha256``.
 
     Returns
     -------
@@ -369,7 +394,7 @@ def ingest(
     with store_lock(store, command="ingest"):
         return _ingest_locked(sources, store, workers=workers, scheduler=scheduler, manifest=manifest,
                               overwrite=overwrite, memory_limit=memory_limit, config=config, label=label,
-                              progress=progress, echo=echo)
+                              progress=progress, echo=echo, hash_paths=hash_paths)
 
 
 def _ingest_locked(
@@ -385,6 +410,7 @@ def _ingest_locked(
     label: int | None = None,
     progress: bool = False,
     echo: Callable[[str], object] | None = None,
+    hash_paths: bool = False,
 ) -> IngestResult:
     """:func:`ingest` while holding the store lock."""
     from octpipe.store import complete_volumes, open_store
@@ -394,6 +420,10 @@ def _ingest_locked(
     root = open_store(store)
     salt = str(root.attrs["pseudonym_salt"])
     inputs, rows = discover_inputs(sources, exclude=[store])
+    if hash_paths:  # file and folder names can carry patient names: record salted hashes instead
+        inputs = [replace(item, rel=hashed_path(item.rel, salt)) for item in inputs]
+        for r in rows:
+            r["path"] = hashed_path(str(r["path"]), salt)
     if echo:  # sources that are missing or unreadable fail before any task runs: say so too
         for r in rows:
             if r["status"] == "failed":
@@ -447,7 +477,8 @@ def _ingest_locked(
         fh.write(f"# {counts} in {seconds} s\n")
     (logs / f"ingest-{stamp}.json").write_text(json.dumps({
         "command": "ingest", "octpipe_version": __version__, "git": git_hash(),
-        "config": {"sources": [str(s) for s in sources], "store": str(store), "workers": workers,
+        "config": {"sources": [hashed_path(str(s), salt) if hash_paths else str(s) for s in sources],
+                   "hash_paths": hash_paths, "store": str(store), "workers": workers,
                    "scheduler": scheduler, "overwrite": overwrite, "memory_limit": memory_limit,
                    "label": label, "preprocess": config.to_dict()},
         "counts": counts, "seconds": seconds,

@@ -122,3 +122,34 @@ def test_export_outputs_carry_no_identifiers(inputs, tmp_path, capsys):
     assert list((tmp_path / "one").glob("*/dicom/source-deid.dcm")) and list(out.glob("*/dicom/anomaly-seg.dcm"))
     n_files = assert_no_identifiers([out, tmp_path / "one"], IDENTIFIERS, texts=texts)
     assert n_files > 40
+
+
+def test_hash_paths_keeps_names_in_file_names_out_of_store_manifest_and_logs(tmp_path, capsys):
+    """A file named after the patient, in a folder named after the patient id: --hash-paths hides both."""
+    from octpipe.io.heyex_vol import write_heyex_vol
+
+    src = tmp_path / f"src_{ID['patient_id']}"
+    ph = small_phantom(seed=12)
+    name = f"{ID['last_name']}_{ID['first_name']}_{ID['birth_date'].replace('-', '')}.vol"
+    write_heyex_vol(src / name, ph.data, spacing_mm=ph.spacing_mm, laterality=ph.laterality,
+                    layers={"ILM": ph.ilm, "BM": ph.bm})
+    plain = tmp_path / "plain.zarr"
+    assert main(["--no-progress", "ingest", str(src), "-o", str(plain), "--workers", "0"]) == 0
+    capsys.readouterr()
+    # without the option the relative path is recorded, name and all (documented default)
+    assert find_identifiers([tmp_path / "plain-manifest.csv"], {"last_name": ID["last_name"]})
+    hashed = tmp_path / "hashed.zarr"
+    assert main(["--no-progress", "ingest", str(src), "-o", str(hashed), "--workers", "0", "--hash-paths"]) == 0
+    out, err = capsys.readouterr()
+    assert_no_identifiers([hashed, tmp_path / "hashed-manifest.csv"], IDENTIFIERS,
+                          texts={"stdout": out.replace(str(tmp_path), ""), "stderr": err})
+    import csv
+
+    with (tmp_path / "hashed-manifest.csv").open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r["volume_id"]]
+    assert len(rows) == 1 and rows[0]["path"].startswith("file-") and rows[0]["path"].endswith(".vol")
+    # the same file gives the same hashed name on a rerun, which skips it
+    assert main(["--no-progress", "ingest", str(src), "-o", str(hashed), "--workers", "0", "--hash-paths"]) == 0
+    with (tmp_path / "hashed-manifest.csv").open() as fh:
+        again = [r for r in csv.DictReader(fh) if r["volume_id"]]
+    assert again[0]["path"] == rows[0]["path"] and again[0]["status"] == "skipped"

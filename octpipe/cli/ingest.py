@@ -49,6 +49,9 @@ def ingest(
     no_vendor_layers: bool = typer.Option(False, "--no-vendor-layers", help="Always segment ILM/BM, even when "
                                                                             "the file has the device's layers."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo volumes that are already complete."),
+    hash_paths: bool = typer.Option(False, "--hash-paths", help="Record salted hashes instead of file paths in "
+                                                                "the store, manifest and logs (use when file or "
+                                                                "folder names carry patient names)."),
 ) -> None:
     """Read every OCT file under SOURCES, preprocess each volume as in the paper and write the store.
 
@@ -74,7 +77,7 @@ def ingest(
     result = run_ingest(sources, out, workers=workers, scheduler=scheduler, manifest=manifest,
                         overwrite=overwrite, memory_limit=memory_limit, config=config, label=labels[label],
                         progress=state["progress"], echo=(lambda line: typer.echo(line, err=True))
-                        if state["verbosity"] >= 0 else None)
+                        if state["verbosity"] >= 0 else None, hash_paths=hash_paths)
     c = result.counts
     if state["verbosity"] >= 0:
         typer.echo(f"ingest: {c['ok']} written, {c['skipped']} skipped, {c['failed']} failed in {result.seconds} s; "
