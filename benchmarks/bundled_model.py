@@ -62,11 +62,10 @@ def main() -> None:
 
     from octpipe.evaluate import image_metrics, roc_auc
     from octpipe.export.run import export_volume, store_volume_input
-    from octpipe.heatmap import retina_mask
+    from octpipe.heatmap import source_retina
     from octpipe.io.nifti import read_nifti
     from octpipe.models.fanogan.checkpoint import load_run
     from octpipe.models.fanogan.score import score_store
-    from octpipe.preprocess.resample import upsample_columns
     from octpipe.store import read_volume_attrs, read_volume_group, volume_ids
 
     torch.set_num_threads(args.threads)
@@ -104,8 +103,8 @@ def main() -> None:
             if "mask" not in arrays:
                 continue
             mask_src = np.repeat(arrays["mask"], attrs["column_factor"], axis=2)[..., :res.shape[2]] > 0
-            lay = upsample_columns(arrays["layers"], attrs["column_factor"], res.shape[2])
-            inside = retina_mask(lay[0], lay[1], res.shape[1])
+            _, inside = source_retina(arrays["layers"], factor=attrs["column_factor"], n_axial=res.shape[1],
+                                      n_ascans=res.shape[2])
             idx = np.flatnonzero(inside.ravel())
             take = rng.choice(idx, size=min(per_volume, idx.size), replace=False)
             label_parts.append(mask_src.ravel()[take])

@@ -54,7 +54,7 @@ def _make_store(root: Path) -> tuple[Path, str]:
 def _paper_model_dir(root: Path) -> Path:
     import numpy as np
 
-    from octpipe.models.fanogan.checkpoint import build_networks, provenance, save_atomic
+    from octpipe.models.fanogan.checkpoint import FAnoGANModel, build_networks, save_model
     from octpipe.models.fanogan.config import load_config
     from octpipe.models.fanogan.score import SCORE_NAMES, calibrate
 
@@ -63,10 +63,7 @@ def _paper_model_dir(root: Path) -> Path:
     rng = np.random.default_rng(0)
     cal = calibrate({k: rng.gamma(2.0, 0.05, 2000) for k in SCORE_NAMES}, source="synthetic (benchmark)")
     out = root / "paper-model"
-    out.mkdir()
-    save_atomic({"format": "octpipe-fanogan/1", "stage": "bundle", "config": cfg.to_dict(), **provenance(),
-                 "generator": g.state_dict(), "discriminator": d.state_dict(), "encoder": e.state_dict(),
-                 "calibration": cal, "counters": {}}, out / "model.pt")
+    save_model(FAnoGANModel(g, d, e, cfg, calibration=cal), out / "model.pt")
     return out
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "window_weights",
     "WindowMerger",
     "retina_mask",
+    "source_retina",
     "to_source_geometry",
 ]
 
@@ -173,15 +174,30 @@ def retina_mask(ilm: npt.ArrayLike, bm: npt.ArrayLike, n_axial: int) -> npt.NDAr
         return (rows >= np.floor(top)) & (rows <= np.ceil(bottom))
 
 
+def source_retina(layers: npt.ArrayLike, *, factor: int, n_axial: int, n_ascans: int
+                  ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """ILM/BM rows on the source grid and the ILM..BM mask ``(z, n_axial, n_ascans)`` there.
+
+    Parameters
+    ----------
+    layers : (2, z, x') array
+        ILM and BM rows on the downsampled grid (the store's ``layers``).
+    factor, n_axial, n_ascans : int
+        Column downsampling factor and the source B-scan size.
+    """
+    lay = np.asarray(layers, dtype=np.float32)
+    if factor != 1 or lay.shape[-1] != n_ascans:
+        lay = upsample_columns(lay, factor, n_ascans)
+    return lay, retina_mask(lay[0], lay[1], n_axial)
+
+
 def to_source_geometry(
     flat_map: npt.ArrayLike,
     flatmap: npt.ArrayLike,
-    layers: npt.ArrayLike,
+    inside: npt.ArrayLike,
     *,
     bm_row: int,
-    n_axial: int,
     factor: int,
-    n_ascans: int,
 ) -> npt.NDArray[np.float32]:
     """A map on the flattened grid → the source B-scan grid, zero outside ILM..BM.
 
@@ -191,26 +207,20 @@ def to_source_geometry(
         Map on the flattened, column-downsampled grid (NaN = not covered).
     flatmap : (2, z, x') array
         BM reference row and scale per A-scan (the store's ``flatmap``).
-    layers : (2, z, x') array
-        ILM and BM rows on the downsampled grid (the store's ``layers``).
+    inside : (z, n_axial, n_ascans) bool array
+        ILM..BM on the source grid (:func:`source_retina`); it also gives the source size.
     bm_row : int
         Row of BM in the flattened area.
-    n_axial : int
-        Rows of the source B-scans.
     factor : int
         Column downsampling factor.
-    n_ascans : int
-        A-scans of the source B-scans.
 
     Returns
     -------
-    ndarray of float32, shape (z, n_axial, n_ascans)
+    ndarray of float32, shape of ``inside``
     """
+    ins = np.asarray(inside, dtype=bool)
+    _, n_axial, n_ascans = ins.shape
     m = np.nan_to_num(np.asarray(flat_map, dtype=np.float32), nan=0.0)
     down = unflatten_image(m, flatmap, n_axial=n_axial, bm_row=bm_row, order=1, fill=0.0)
     up = upsample_columns(down, factor, n_ascans) if (factor != 1 or down.shape[-1] != n_ascans) else down
-    lay = np.asarray(layers, dtype=np.float32)
-    lay_up = upsample_columns(lay, factor, n_ascans) if (factor != 1 or lay.shape[-1] != n_ascans) else lay
-    inside = retina_mask(lay_up[0], lay_up[1], n_axial)
-    return np.where(inside, up, 0.0).astype(np.float32)
-
+    return np.where(ins, up, 0.0).astype(np.float32)

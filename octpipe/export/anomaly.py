@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from octpipe.errors import OctpipeError
-from octpipe.heatmap import WindowMerger, retina_mask, to_source_geometry, window_index
+from octpipe.heatmap import WindowMerger, retina_mask, source_retina, to_source_geometry, window_index
 from octpipe.models.fanogan.checkpoint import FAnoGANModel
 from octpipe.models.fanogan.score import SCORE_NAMES, calibration_percentile, score_and_reconstruct
 from octpipe.patches import extract_patches
@@ -217,14 +217,9 @@ def compute_anomaly(vol: VolumeInput, model: FAnoGANModel, settings: MapSettings
     residual_flat, recon_flat, score_flat = res_merge.result(), rec_merge.result(), score_merge.result()
 
     nz, n_axial, n_ascans = vol.source_shape
-    geometry = {"flatmap": vol.flatmap, "layers": vol.layers, "bm_row": vol.bm_row, "n_axial": n_axial,
-                "factor": vol.factor, "n_ascans": n_ascans}
-    residual = to_source_geometry(residual_flat, **geometry)
-    score_src = to_source_geometry(score_flat, **geometry)
-
-    layers_src = upsample_columns(vol.layers, vol.factor, n_ascans) if vol.layers.shape[-1] != n_ascans \
-        else vol.layers.astype(np.float32)
-    inside = retina_mask(layers_src[0], layers_src[1], n_axial)
+    layers_src, inside = source_retina(vol.layers, factor=vol.factor, n_axial=n_axial, n_ascans=n_ascans)
+    residual = to_source_geometry(residual_flat, vol.flatmap, inside, bm_row=vol.bm_row, factor=vol.factor)
+    score_src = to_source_geometry(score_flat, vol.flatmap, inside, bm_row=vol.bm_row, factor=vol.factor)
     background = np.clip((vol.image + 1.0) / 2.0, 0.0, 1.0)
     if background.shape[-1] != n_ascans:
         background = upsample_columns(background, vol.factor, n_ascans)

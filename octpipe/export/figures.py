@@ -111,18 +111,21 @@ def _bscan_title(i: int, n: int, meta: dict[str, Any]) -> str:
 
 
 def write_overlays(out_dir: str | Path, background: np.ndarray, zmap: np.ndarray, layers: np.ndarray,
-                   meta: dict[str, Any]) -> list[Path]:
-    """One PNG per B-scan, ``bscan_000.png`` ..., in acquisition order."""
+                   meta: dict[str, Any]) -> list[np.ndarray]:
+    """One PNG per B-scan, ``bscan_000.png`` ..., in acquisition order; returns the RGB frames written.
+
+    The frames are returned so that the GIF and the DICOM Secondary Capture reuse them instead of
+    decoding the PNGs again.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n = background.shape[0]
-    paths = []
+    frames = []
     for i in range(n):
         rgb = overlay_bscan(background[i], zmap[i], ilm=layers[0, i], bm=layers[1, i], title=_bscan_title(i, n, meta))
-        p = out / f"bscan_{i:03d}.png"
-        Image.fromarray(rgb).save(p, optimize=False, compress_level=1)
-        paths.append(p)
-    return paths
+        Image.fromarray(rgb).save(out / f"bscan_{i:03d}.png", optimize=False, compress_level=1)
+        frames.append(rgb)
+    return frames
 
 
 def write_gif(path: str | Path, frames: list[np.ndarray], *, max_width: int = 400, ms_per_frame: int = 120) -> Path:

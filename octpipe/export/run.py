@@ -167,10 +167,7 @@ def export_volume(vol: VolumeInput, model: FAnoGANModel, out_dir: str | Path, *,
         _, y_mm = physical_coordinates(mx.shape, spacing, centre, laterality, order)  # type: ignore[arg-type]
         meta = {"laterality": laterality, "y_mm": y_mm[:, 0]}
 
-        overlays = write_overlays(staging / "overlays", result.background, result.residual, result.layers, meta)
-        from PIL import Image
-
-        frames = [np.asarray(Image.open(p).convert("RGB")) for p in overlays]
+        frames = write_overlays(staging / "overlays", result.background, result.residual, result.layers, meta)
         write_gif(staging / "anomaly.gif", frames)
         title = f"volume {vol.volume_id}: mean anomaly over depth"
         write_enface_figure(staging / "enface.png", mean, spacing_mm=spacing, centre=centre,  # type: ignore[arg-type]
@@ -211,7 +208,8 @@ def export_volume(vol: VolumeInput, model: FAnoGANModel, out_dir: str | Path, *,
         _write_json(staging / "anomaly.json", sidecar)
         if dicom:
             root = Path(source_root) if source_root is not None else None
-            summary["dicom"] = _write_dicom(staging, vol, result, settings, spacing, root)  # type: ignore[arg-type]
+            summary["dicom"] = _write_dicom(staging, vol, result, settings, spacing, root,  # type: ignore[arg-type]
+                                            np.stack(frames))
         summary["seconds_model"] = round(t_model, 3)
         if report:
             write_volume_report(staging / "report.html", summary, identity, staging)
@@ -236,19 +234,13 @@ def _top_bscans(result: VolumeAnomaly, k: int) -> list[int]:
 
 
 def _write_dicom(out: Path, vol: VolumeInput, result: VolumeAnomaly, settings: MapSettings,
-                 spacing: tuple[float, float, float], source_root: Path | None) -> dict[str, Any]:
-    try:
-        from octpipe.export.dicom import write_dicom_exports
-    except ImportError:  # pragma: no cover - the module ships with octpipe
-        return {"files": [], "note": "DICOM export unavailable"}
-    from PIL import Image
+                 spacing: tuple[float, float, float], source_root: Path | None, frames: np.ndarray) -> dict[str, Any]:
+    from octpipe.export.dicom import write_dicom_exports
 
-    frames = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((out / "overlays").glob("*.png"))])
     got = write_dicom_exports(out / "dicom", anomaly_map=result.residual, threshold=settings.threshold_z,
                               spacing_mm=spacing, laterality=vol.attrs.get("laterality"), pseudonym=vol.volume_id,
                               source_dicom=_source_dicom(vol, source_root), overlays=frames)
-    paths = getattr(got, "paths", got)
-    return {"files": [Path(p).relative_to(out).as_posix() for p in paths], "note": getattr(got, "note", "")}
+    return {"files": [Path(p).relative_to(out).as_posix() for p in got.paths], "note": got.note}
 
 
 # --------------------------------------------------------------------------------------------

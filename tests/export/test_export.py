@@ -15,7 +15,15 @@ from octpipe.cli import main
 from octpipe.export.anomaly import MapSettings, compute_anomaly
 from octpipe.export.enface import ETDRS_SECTORS, FovealCentre, enface_projections, etdrs_labels, find_fovea
 from octpipe.export.run import SUMMARY_NAME, export_store, export_volume, file_volume_input, write_index
-from octpipe.heatmap import WEIGHTINGS, WindowMerger, retina_mask, to_source_geometry, window_index, window_weights
+from octpipe.heatmap import (
+    WEIGHTINGS,
+    WindowMerger,
+    retina_mask,
+    source_retina,
+    to_source_geometry,
+    window_index,
+    window_weights,
+)
 from octpipe.models.fanogan.checkpoint import FAnoGANModel, build_networks
 from octpipe.models.fanogan.config import FAnoGANConfig
 from octpipe.models.fanogan.score import SCORE_NAMES, calibrate
@@ -129,13 +137,14 @@ def test_identity_model_gives_the_input_back_and_a_zero_map(prepared, weighting,
 def test_source_geometry_is_zero_outside_ilm_bm_and_follows_the_retina(prepared):
     ones = np.ones_like(prepared.flat)
     nz, ny, nx = prepared.source_shape
-    src = to_source_geometry(ones, prepared.flatmap, prepared.layers, bm_row=prepared.bm_row, n_axial=ny,
-                             factor=prepared.factor, n_ascans=nx)
+    layers_src, inside = source_retina(prepared.layers, factor=prepared.factor, n_axial=ny, n_ascans=nx)
+    src = to_source_geometry(ones, prepared.flatmap, inside, bm_row=prepared.bm_row, factor=prepared.factor)
     assert src.shape == (nz, ny, nx)
     from octpipe.preprocess.resample import upsample_columns
 
     lay = upsample_columns(prepared.layers, prepared.factor, nx)
-    inside = retina_mask(lay[0], lay[1], ny)
+    np.testing.assert_array_equal(layers_src, lay)
+    np.testing.assert_array_equal(inside, retina_mask(lay[0], lay[1], ny))
     assert np.all(src[~inside] == 0)
     # the flattened area covers the retina: inside ILM..BM the unflattened map is 1 (edges interpolated)
     interior = inside & np.roll(inside, 1, axis=1) & np.roll(inside, -1, axis=1)
@@ -334,14 +343,9 @@ def test_dask_store_export_equals_in_process_export(tmp_path, trained):
 
 def save_model_dir(folder, size: int = 32, seed: int = 0):
     """An untrained model with a calibration, saved as a run folder (``model.pt``) that load_run reads."""
-    from octpipe.models.fanogan.checkpoint import provenance, save_atomic
+    from octpipe.models.fanogan.checkpoint import save_model
 
-    m = untrained_model(size=size, seed=seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_atomic({"format": "octpipe-fanogan/1", "stage": "bundle", "config": m.config.to_dict(), **provenance(),
-                 "generator": m.generator.state_dict(), "discriminator": m.discriminator.state_dict(),
-                 "encoder": m.encoder.state_dict(), "calibration": m.calibration, "counters": {}},
-                folder / "model.pt")
+    save_model(untrained_model(size=size, seed=seed), folder / "model.pt")
     return folder
 
 

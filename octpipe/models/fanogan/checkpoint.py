@@ -48,6 +48,7 @@ __all__ = [
     "build_networks",
     "provenance",
     "save_atomic",
+    "save_model",
     "write_text_atomic",
     "load_checkpoint",
     "capture_rng_state",
@@ -357,6 +358,19 @@ class FAnoGANModel:
             if net is not None:
                 net.eval()
         return self
+
+
+def save_model(model: FAnoGANModel, path: str | Path) -> Path:
+    """Write a model as a ``model.pt`` bundle that :func:`load_run` reads (atomically).
+
+    For models built outside ``octpipe train`` (benchmarks, tests, conversions); training
+    writes its own bundle with the run's counters and runtime.
+    """
+    bundle = {"format": CHECKPOINT_FORMAT, "stage": "bundle", **provenance(), "config": model.config.to_dict(),
+              "generator": model.generator.state_dict(), "discriminator": model.discriminator.state_dict(),
+              "encoder": None if model.encoder is None else model.encoder.state_dict(),
+              "calibration": model.calibration, "counters": {}}
+    return save_atomic(bundle, path)
 
 
 def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> FAnoGANModel:
