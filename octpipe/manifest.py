@@ -32,6 +32,20 @@ def manifest_schema() -> dict:
 def load_manifest(path: str | Path) -> list[dict[str, str]]:
     """Read and validate an ingest manifest CSV.
 
+    A manifest written before a column was added (listed under the schema's
+    ``x-octpipe-older-columns``, e.g. one without ``images``) still loads: the missing
+    columns read as empty strings, so every row has the current columns.
+
+    Parameters
+    ----------
+    path : str or Path
+        The CSV file.
+
+    Returns
+    -------
+    list of dict
+        One dict per row, keys = the schema's columns in order.
+
     Raises
     ------
     OctpipeError
@@ -46,8 +60,12 @@ def load_manifest(path: str | Path) -> list[dict[str, str]]:
             rows = list(reader)
     except OSError as exc:
         raise OctpipeError(f"cannot read manifest: {exc.strerror or exc}", path) from exc
-    if list(columns) != list(schema["required"]):
-        raise OctpipeError(f"manifest columns {columns} differ from {schema['required']}", path)
+    required = list(schema["required"])
+    if list(columns) != required:
+        older = next((o for o in schema.get("x-octpipe-older-columns", []) if list(columns) == o["columns"]), None)
+        if older is None:
+            raise OctpipeError(f"manifest columns {columns} differ from {required}", path)
+        rows = [{key: row.get(key) or "" for key in required} for row in rows]
     for number, row in enumerate(rows, start=2):
         for key, rule in schema["properties"].items():
             value = row.get(key) or ""

@@ -14,40 +14,59 @@ import csv
 import datetime as _dt
 import json
 import os
+import re
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from octpipe import __version__
 from octpipe.errors import FormatError, OctpipeError
 from octpipe.io import read_volumes
 from octpipe.io._common import file_sha256
 from octpipe.io.detect import detect_format
+from octpipe.volume import override_spacing
 
 if TYPE_CHECKING:
     import numpy as np
 
     from octpipe.preprocess.prepare import PreprocessConfig
 
+#: A ``--spacing-mm`` value as :func:`octpipe.volume.parse_spacing` returns it (None = keep the file's).
+Spacing = tuple[float | None, float | None, float | None]
+
 __all__ = [
     "InputFile", "IngestResult", "discover_inputs", "ingest", "ingest_one", "MANIFEST_FIELDS", "git_hash",
-    "local_cluster", "annotation_sidecar",
+    "local_cluster", "annotation_sidecar", "classify_image_folder", "ImageFolderDecision", "IMAGE_MODES",
 ]
 
-MANIFEST_FIELDS = ("volume_id", "path", "sha256", "format", "series", "shape", "spacing_mm", "spacing_source",
-                   "laterality", "status", "error", "seconds")
+#: Manifest columns, in order (the schema is ``data_manifests/ingest-manifest.schema.json``). ``images`` says how
+#: an image input was taken: ``volume`` (a folder of B-scans read as one volume), ``bscan`` (an image file on its
+#: own), empty for vendor files and rows that read nothing.
+MANIFEST_FIELDS = ("volume_id", "path", "sha256", "format", "images", "series", "shape", "spacing_mm",
+                   "spacing_source", "laterality", "status", "error", "seconds")
+
+#: Values of ``--images`` / ``images=``: decide from the evidence, or force one reading.
+IMAGE_MODES = ("auto", "volume", "bscans")
 
 
 @dataclass(frozen=True)
 class InputFile:
-    """One input: a file, or a folder of same-size B-scan images."""
+    """One input: a file, or a folder of B-scan images read as one volume.
+
+    ``images`` is ``"volume"`` for a folder read as one volume, ``"bscan"`` for an image
+    file taken on its own, empty otherwise; ``images_reason`` says why (see
+    :func:`classify_image_folder`).
+    """
 
     path: str
     rel: str
     format: str
+    images: str = ""
+    images_reason: str = ""
 
 
 @dataclass
@@ -111,22 +130,203 @@ def _label_map_values(path: Path) -> int | None:
     return n if n <= LABEL_MAP_MAX_VALUES else None
 
 
-def discover_inputs(sources: Sequence[str | Path], *, exclude: Sequence[str | Path] = ()) -> tuple[
+class ImageFolderDecision(NamedTuple):
+    """What :func:`classify_image_folder` decided: ``kind`` and the one-line ``reason``."""
+
+    kind: Literal["volume", "bscans"]
+    reason: str
+
+
+#: At least this many numbered images make a volume on their own; two images (``X-1``, ``X-2``: two visits of
+#: one patient in public datasets) need zero-padded numbers (``bscan_000``, ``bscan_001``) to count.
+MIN_SEQUENCE = 3
+
+
+def _fmt_size(size: tuple[int, ...]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def _cite(text: str, cite_names: bool) -> str:
+    return f" ({text})" if cite_names else ""
+
+
+def _size_problem(names_and_sizes: Sequence[tuple[str, tuple[int, ...] | None]], *,
+                  cite_names: bool = True) -> str | None:
+    """Why these images cannot be stacked into one volume (unknown, multi-page or mixed sizes), else None."""
+    for name, size in names_and_sizes:
+        if size is None:
+            return "the size of an image cannot be read" + _cite(name, cite_names)
+        if len(size) > 2 and size[2] != 1:
+            return f"an image holds {size[2]} pages" + _cite(name, cite_names)
+    counts = Counter(tuple(size[:2]) for _, size in names_and_sizes)  # type: ignore[index]
+    if len(counts) > 1:
+        common = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        sizes = ", ".join(f"{_fmt_size(s)} ({n})" for s, n in common[:3])
+        more = f" and {len(common) - 3} more sizes" if len(common) > 3 else ""
+        return f"image sizes differ (WxH: {sizes}{more})"
+    return None
+
+
+def classify_image_folder(names_and_sizes: Iterable[tuple[str, tuple[int, ...] | None]], *,
+                          cite_names: bool = True) -> ImageFolderDecision:
+    """Decide whether the B-scan images of one folder are one volume or independent B-scans.
+
+    Pure: looks only at the file names and image sizes. The images are one volume when
+    all of these hold, else they are independent B-scans (one volume each):
+
+    1. there are at least two images, every size is known, single-page and the same;
+    2. the names differ only by one number: split at digit runs, the text between the
+       numbers is the same in every name (case-insensitive, extension included) and
+       exactly one of the numbers varies (``Image 7.TIFF``, ``bscan_007.png``;
+       ``NORMAL-4872585-1.jpeg`` / ``NORMAL-5246808-2.jpeg`` vary in two);
+    3. those numbers are distinct and near-consecutive: of the ``hi - lo + 1`` values
+       from the lowest to the highest, at most ``n // 4`` are missing (a few dropped
+       B-scans);
+    4. there are at least :data:`MIN_SEQUENCE` (3) images, or the two numbers are
+       zero-padded to one width (``bscan_000``, ``bscan_001``): two images numbered
+       ``-1`` and ``-2`` are, in public datasets, two visits of one patient.
+
+    Parameters
+    ----------
+    names_and_sizes : iterable of (str, tuple or None)
+        File name (no folder) and size ``(width, height)`` or ``(width, height,
+        n_pages)``; None when the size cannot be read.
+    cite_names : bool, default True
+        Quote file names in the reason (two that show the problem, or the name pattern).
+        False keeps names out of it, for names that may carry patient names
+        (``--hash-paths``).
+
+    Returns
+    -------
+    ImageFolderDecision
+        ``kind`` ``"volume"`` or ``"bscans"``, and a one-line ``reason``.
+
+    Examples
+    --------
+    >>> classify_image_folder([(f"Image {i}.TIFF", (496, 512)) for i in range(1, 20)])
+    ImageFolderDecision(kind='volume', reason='19 images of 496x512 numbered 1..19 (Image <n>.TIFF)')
+    >>> classify_image_folder([(f"bscan_{i:03d}.png", (256, 248)) for i in range(2)]).kind
+    'volume'
+    >>> kermany = ["NORMAL-4872585-1.jpeg", "NORMAL-5156112-1.jpeg", "NORMAL-5246808-2.jpeg"]
+    >>> kind, reason = classify_image_folder([(n, (512, 496)) for n in kermany])
+    >>> kind, reason
+    ('bscans', 'names differ in 2 numbers (NORMAL-4872585-1.jpeg, NORMAL-5246808-2.jpeg)')
+    >>> classify_image_folder([("CNV-6294785-1.jpeg", (512, 496)), ("CNV-6294785-2.jpeg", (512, 496))]).kind
+    'bscans'
+    >>> classify_image_folder([("a1.png", (512, 496)), ("a2.png", (768, 496)), ("a3.png", (512, 496))])
+    ImageFolderDecision(kind='bscans', reason='image sizes differ (WxH: 512x496 (2), 768x496 (1))')
+    >>> classify_image_folder([(f"scan{i}.png", (64, 64)) for i in (1, 5, 9)]).kind
+    'bscans'
+    """
+    items = [(str(name), None if size is None else tuple(size)) for name, size in names_and_sizes]
+    n = len(items)
+    if n < 2:
+        return ImageFolderDecision("bscans", "a single image" if n else "no images")
+    problem = _size_problem(items, cite_names=cite_names)
+    if problem:
+        return ImageFolderDecision("bscans", problem)
+    size = _fmt_size(items[0][1])  # type: ignore[arg-type]
+    split = [re.split(r"(\d+)", name) for name, _ in items]
+    texts = [tuple(t.lower() for t in parts[0::2]) for parts in split]
+    if len(set(texts)) > 1:
+        other = next(i for i, t in enumerate(texts) if t != texts[0])
+        return ImageFolderDecision("bscans", "names differ in more than a number"
+                                   + _cite(f"{items[0][0]}, {items[other][0]}", cite_names))
+    numbers = [parts[1::2] for parts in split]
+    if not numbers[0]:
+        return ImageFolderDecision("bscans", "names carry no number")
+    varying = [k for k in range(len(numbers[0])) if len({nums[k] for nums in numbers}) > 1]
+    if len(varying) != 1:
+        if not varying:
+            return ImageFolderDecision("bscans", "names differ only in letter case")
+        other = next(i for i in range(n) if numbers[i][varying[-1]] != numbers[0][varying[-1]])
+        return ImageFolderDecision("bscans", f"names differ in {len(varying)} numbers"
+                                   + _cite(f"{items[0][0]}, {items[other][0]}", cite_names))
+    k = varying[0]
+    digits = [nums[k] for nums in numbers]
+    values = sorted(int(d) for d in digits)
+    if len(set(values)) < n:
+        dup, times = Counter(values).most_common(1)[0]
+        return ImageFolderDecision("bscans", f"numbers repeat ({dup} appears {times} times)")
+    lo, hi = values[0], values[-1]
+    missing = hi - lo + 1 - n
+    if missing > n // 4:
+        return ImageFolderDecision("bscans", f"numbers {lo}..{hi} are not a consecutive sequence "
+                                             f"({missing} of {hi - lo + 1} missing)")
+    padded = len({len(d) for d in digits}) == 1 and len(digits[0]) >= 2 and any(d.startswith("0") for d in digits)
+    if n < MIN_SEQUENCE and not padded:
+        return ImageFolderDecision("bscans", f"only {n} numbered images, not zero-padded "
+                                             "(could be two visits of one patient)")
+    parts = split[0]
+    template = "".join(parts[:2 * k + 1]) + "<n>" + "".join(parts[2 * k + 2:])
+    gaps = f", {missing} missing" if missing else ""
+    return ImageFolderDecision("volume", f"{n} images of {size} numbered {lo}..{hi}{gaps}"
+                               + _cite(template, cite_names))
+
+
+def _image_folder_inputs(here: Path, images: list[tuple[Path, str]], rel: str, mode: str, *,
+                         cite_names: bool = True) -> tuple[list[InputFile], list[dict[str, object]]]:
+    """The inputs (and failed rows) for the B-scan images ``images`` of the folder ``here``."""
+    if not images:
+        return [], []
+    named = [(p.name, _image_size(p)) for p, _ in images]
+    decision = classify_image_folder(named, cite_names=cite_names)
+    if len(images) == 1 or mode == "bscans" or (mode == "auto" and decision.kind == "bscans"):
+        reason = decision.reason if mode == "auto" or len(images) == 1 else f"--images bscans (auto: {decision.reason})"
+        return [InputFile(str(p), r, "image", images="bscan", images_reason=reason) for p, r in images], []
+    if mode == "volume":
+        problem = _size_problem(named, cite_names=cite_names)
+        if problem:
+            return [], [_row(path=rel, format="bscan-folder", images="volume", status="failed",
+                             error=f"--images volume: cannot stack {len(images)} images as one volume: {problem}")]
+        reason = f"--images volume (auto: {decision.reason})" if decision.kind == "bscans" else decision.reason
+    else:
+        reason = decision.reason
+    return [InputFile(str(here), rel, "bscan-folder", images="volume", images_reason=reason)], []
+
+
+def discover_inputs(sources: Sequence[str | Path], *, exclude: Sequence[str | Path] = (), images: str = "auto",
+                    recursive: bool = True, cite_names: bool = True) -> tuple[
         list[InputFile], list[dict[str, object]]]:
     """Find every OCT input under ``sources`` (files and folders, recursively).
 
     Non-OCT files are returned as ``skipped`` manifest rows, and so are images with at
     most :data:`LABEL_MAP_MAX_VALUES` grey values (annotation masks exported beside the
-    B-scans). Folders ending in ``.zarr`` and hidden entries are not entered. In a
-    folder, two or more single-page images of one size are one volume (a B-scan folder);
-    otherwise each image is its own input.
+    B-scans). Folders ending in ``.zarr`` and hidden entries are not entered. The B-scan
+    images of one folder are one volume (format ``bscan-folder``) when
+    :func:`classify_image_folder` says so (same size, names numbered in sequence);
+    otherwise each image is its own input (format ``image``).
+
+    Parameters
+    ----------
+    sources : sequence of paths
+        Files and folders.
+    exclude : sequence of paths
+        Folders not to enter (the store being written).
+    images : {"auto", "volume", "bscans"}
+        How the images of a folder are taken: decided per folder (``auto``), always one
+        volume per folder (``volume``; a folder whose images differ in size becomes a
+        ``failed`` row), or always one input per image (``bscans``).
+    recursive : bool
+        Enter sub-folders (default); False looks only at the files directly in each
+        source folder.
+    cite_names : bool, default True
+        Quote file names in the reasons of the folder decision; False for names that may
+        carry patient names (``--hash-paths``).
 
     Returns
     -------
     inputs : list of InputFile
     skipped : list of dict
         Manifest rows for what is not an OCT input (or cannot be read).
+
+    Raises
+    ------
+    ValueError
+        ``images`` is not one of :data:`IMAGE_MODES`.
     """
+    if images not in IMAGE_MODES:
+        raise ValueError(f"images must be one of {', '.join(IMAGE_MODES)}, got {images!r}")
     excluded = {Path(p).resolve() for p in exclude}
     inputs: list[InputFile] = []
     rows: list[dict[str, object]] = []
@@ -140,7 +340,7 @@ def discover_inputs(sources: Sequence[str | Path], *, exclude: Sequence[str | Pa
         except OctpipeError as exc:
             rows.append(_row(path=rel, status="failed", error=exc.reason))
             return None
-        return InputFile(str(path), rel, fmt)
+        return InputFile(str(path), rel, fmt, images="bscan" if fmt == "image" else "")
 
     for source in sources:
         source = Path(source)
@@ -154,9 +354,9 @@ def discover_inputs(sources: Sequence[str | Path], *, exclude: Sequence[str | Pa
             continue
         for dirpath, dirnames, filenames in os.walk(source):
             here = Path(dirpath)
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not d.endswith(".zarr")
-                                 and (here / d).resolve() not in excluded)
-            images: list[tuple[Path, str]] = []
+            dirnames[:] = sorted(d for d in dirnames if recursive and not d.startswith(".")
+                                 and not d.endswith(".zarr") and (here / d).resolve() not in excluded)
+            found_images: list[tuple[Path, str]] = []
             for name in sorted(filenames):
                 if name.startswith("."):
                     continue
@@ -171,15 +371,23 @@ def discover_inputs(sources: Sequence[str | Path], *, exclude: Sequence[str | Pa
                         rows.append(_row(path=rel, format="image", status="skipped",
                                          error=f"looks like a label map ({n_values} grey values), not a B-scan"))
                         continue
-                    images.append((path, rel))
+                    found_images.append((path, rel))
+                elif found.format == "nifti":  # label maps (nnU-Net labelsTr) beside the images: skip them too
+                    from octpipe.io.nifti import nifti_label_map_values
+
+                    n_values = nifti_label_map_values(path)
+                    if n_values is not None:
+                        rows.append(_row(path=rel, format="nifti", status="skipped",
+                                         error=f"looks like a label map ({n_values} values), not a B-scan"))
+                        continue
+                    inputs.append(found)
                 else:
                     inputs.append(found)
-            sizes = {_image_size(p) for p, _ in images}
-            if len(images) >= 2 and len(sizes) == 1 and None not in sizes and next(iter(sizes))[2] == 1:
-                rel = os.path.join(source.name, os.path.relpath(here, source))
-                inputs.append(InputFile(str(here), os.path.normpath(rel), "bscan-folder"))
-            else:
-                inputs.extend(InputFile(str(p), r, "image") for p, r in images)
+            folder_rel = os.path.normpath(os.path.join(source.name, os.path.relpath(here, source)))
+            new_inputs, new_rows = _image_folder_inputs(here, found_images, folder_rel, images,
+                                                        cite_names=cite_names)
+            inputs.extend(new_inputs)
+            rows.extend(new_rows)
     return inputs, rows
 
 
@@ -234,12 +442,33 @@ def hashed_path(rel: str, salt: str) -> str:
 
 def ingest_one(item: InputFile, store: str, salt: str, complete: dict[tuple[str, int], str], *,
                overwrite: bool = False, config: PreprocessConfig | None = None,
-               label: int | None = None) -> list[dict[str, object]]:
+               label: int | None = None, spacing: Spacing | None = None) -> list[dict[str, object]]:
     """Ingest one input into the store; return its manifest rows (one per series).
 
     Runs every preprocessing stage (:func:`octpipe.preprocess.prepare.prepare_volume`).
     Never raises for a bad input: an :class:`~octpipe.errors.OctpipeError` becomes a
     ``failed`` row with the one-line reason.
+
+    Parameters
+    ----------
+    item : InputFile
+        The input (from :func:`discover_inputs`).
+    store : str
+        The store path.
+    salt : str
+        The store's pseudonym salt.
+    complete : dict
+        ``{(sha256, series): volume_id}`` of volumes already complete.
+    overwrite : bool
+        Redo complete volumes.
+    config : PreprocessConfig, optional
+        Preprocessing settings.
+    label : {0, 1}, optional
+        Label of an input without annotations.
+    spacing : tuple of 3 (float or None), optional
+        The user's spacing (z, y, x) in mm (:func:`octpipe.volume.parse_spacing`); None
+        fields keep the file's. Replaces the file's before preprocessing, and the store
+        and manifest record ``spacing_source="user"``.
     """
     import numpy as np
 
@@ -248,7 +477,7 @@ def ingest_one(item: InputFile, store: str, salt: str, complete: dict[tuple[str,
 
     config = config or PreprocessConfig()
     t0 = time.perf_counter()
-    base = {"path": item.rel, "format": item.format}
+    base = {"path": item.rel, "format": item.format, "images": item.images}
     sha = ""
     try:
         sha = file_sha256(item.path) if os.path.isfile(item.path) else ""
@@ -264,6 +493,8 @@ def ingest_one(item: InputFile, store: str, salt: str, complete: dict[tuple[str,
     rows = []
     for series, vol in enumerate(volumes):
         t1 = time.perf_counter()
+        file_spacing, file_spacing_source = list(vol.spacing_mm), vol.spacing_source
+        vol = override_spacing(vol, spacing)
         prov = vol.provenance
         digest = prov.sha256 if prov else sha
         vid = store_volume_id(salt, digest, series)
@@ -297,13 +528,19 @@ def ingest_one(item: InputFile, store: str, salt: str, complete: dict[tuple[str,
             arrays["mask"] = prepared.mask
         if vol.invalid is not None and vol.invalid.any():
             arrays["valid"] = np.isfinite(prepared.image).astype(np.uint8)
-        dz, dy, dx = vol.spacing_mm
+        # the spacing used: the file's, the user's, or estimated from the retina when neither
+        dz, dy, dx = prepared.spacing_mm
+        common.update(spacing_mm=";".join(f"{s:.6g}" for s in prepared.spacing_mm),
+                      spacing_source=prepared.spacing_source)
         attrs = {
             "source": item.rel, "sha256": digest, "series": series, "format": item.format,
             "reader": prov.reader if prov else "", "source_shape": list(vol.shape),
             "shape": list(prepared.image.shape),
             "source_spacing_mm": [dz, dy, dx], "spacing_mm": [dz, dy, dx * prepared.factor],
-            "spacing_source": vol.spacing_source, "laterality": vol.laterality, "scan_pattern": vol.scan_pattern,
+            "spacing_source": prepared.spacing_source, "file_spacing_mm": file_spacing,
+            "file_spacing_source": file_spacing_source,
+            "images": item.images, "images_reason": item.images_reason,
+            "laterality": vol.laterality, "scan_pattern": vol.scan_pattern,
             "vendor": vol.vendor, "bscan_order": vol.bscan_order, "source_intensity": vol.intensity,
             "label": volume_label, "annotated": prepared.mask is not None,
             "column_factor": prepared.factor,
@@ -343,6 +580,8 @@ def ingest(
     progress: bool = False,
     echo: Callable[[str], object] | None = None,
     hash_paths: bool = False,
+    images: str = "auto",
+    spacing: Spacing | None = None,
 ) -> IngestResult:
     """Ingest every OCT file under ``sources`` into the Zarr ``store``.
 
@@ -378,6 +617,15 @@ def ingest(
         Record :func:`hashed_path` names instead of the inputs' relative paths in the
         manifest, the store's ``source`` attributes and the logs, for file or folder names
         that carry patient names. Volumes stay traceable through their ``sha256``.
+    images : {"auto", "volume", "bscans"}
+        How the B-scan images of a folder are taken (see :func:`discover_inputs`): one
+        volume when their names are numbered in sequence (``auto``, default), always one
+        volume per folder, or always one volume per image. The manifest's ``images``
+        column says which was taken for each row.
+    spacing : tuple of 3 (float or None), optional
+        Spacing (z, y, x) in mm for every input of this run, None fields keeping the
+        file's (:func:`octpipe.volume.parse_spacing`); recorded as
+        ``spacing_source="user"``.
 
     Returns
     -------
@@ -388,13 +636,17 @@ def ingest(
     OctpipeError
         Another process is writing the store (see :func:`octpipe.store.store_lock`), or
         ``store`` is a folder that is not a store.
+    ValueError
+        ``images`` is not one of :data:`IMAGE_MODES`.
     """
     from octpipe.store import store_lock
 
+    if images not in IMAGE_MODES:  # before the store is created or locked
+        raise ValueError(f"images must be one of {', '.join(IMAGE_MODES)}, got {images!r}")
     with store_lock(store, command="ingest"):
         return _ingest_locked(sources, store, workers=workers, scheduler=scheduler, manifest=manifest,
                               overwrite=overwrite, memory_limit=memory_limit, config=config, label=label,
-                              progress=progress, echo=echo, hash_paths=hash_paths)
+                              progress=progress, echo=echo, hash_paths=hash_paths, images=images, spacing=spacing)
 
 
 def _ingest_locked(
@@ -411,6 +663,8 @@ def _ingest_locked(
     progress: bool = False,
     echo: Callable[[str], object] | None = None,
     hash_paths: bool = False,
+    images: str = "auto",
+    spacing: Spacing | None = None,
 ) -> IngestResult:
     """:func:`ingest` while holding the store lock."""
     from octpipe.store import complete_volumes, open_store
@@ -419,7 +673,7 @@ def _ingest_locked(
     store = Path(store)
     root = open_store(store)
     salt = str(root.attrs["pseudonym_salt"])
-    inputs, rows = discover_inputs(sources, exclude=[store])
+    inputs, rows = discover_inputs(sources, exclude=[store], images=images, cite_names=not hash_paths)
     if hash_paths:  # file and folder names can carry patient names: record salted hashes instead
         inputs = [replace(item, rel=hashed_path(item.rel, salt)) for item in inputs]
         for r in rows:
@@ -432,7 +686,7 @@ def _ingest_locked(
     from octpipe.preprocess.prepare import PreprocessConfig
 
     config = config or PreprocessConfig()
-    kwargs = {"overwrite": overwrite, "config": config, "label": label}
+    kwargs = {"overwrite": overwrite, "config": config, "label": label, "spacing": spacing}
 
     bar = None
     if progress:
@@ -480,7 +734,8 @@ def _ingest_locked(
         "config": {"sources": [hashed_path(str(s), salt) if hash_paths else str(s) for s in sources],
                    "hash_paths": hash_paths, "store": str(store), "workers": workers,
                    "scheduler": scheduler, "overwrite": overwrite, "memory_limit": memory_limit,
-                   "label": label, "preprocess": config.to_dict()},
+                   "label": label, "images": images, "spacing_mm": None if spacing is None else list(spacing),
+                   "preprocess": config.to_dict()},
         "counts": counts, "seconds": seconds,
     }, indent=2))
     return IngestResult(rows=rows, manifest=manifest_path, store=store, log=log, seconds=seconds, counts=counts)
@@ -522,7 +777,7 @@ def _run_on_dask(inputs, store, salt, complete, kwargs, workers, scheduler, memo
                 collect(future.result())
             except Exception as exc:  # a worker died or a reader bug: record it, go on
                 item = owner[future.key]
-                collect([_row(path=item.rel, format=item.format, status="failed",
+                collect([_row(path=item.rel, format=item.format, images=item.images, status="failed",
                               error=f"task failed: {type(exc).__name__}: {exc}".splitlines()[0])])
     finally:
         client.close()

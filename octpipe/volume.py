@@ -13,9 +13,10 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["OctVolume", "Provenance", "SPACING_SOURCES", "INTENSITY_DOMAINS", "SCAN_PATTERNS"]
+__all__ = ["OctVolume", "Provenance", "SPACING_SOURCES", "INTENSITY_DOMAINS", "SCAN_PATTERNS", "parse_spacing",
+           "override_spacing"]
 
-SPACING_SOURCES = ("file", "default", "estimated")
+SPACING_SOURCES = ("file", "default", "estimated", "user")
 INTENSITY_DOMAINS = ("linear", "display")
 SCAN_PATTERNS = ("volume", "line", "circle", "radial", "star", "unknown")
 BSCAN_ORDERS = ("inferior_first", "superior_first", "unknown")
@@ -59,8 +60,9 @@ class OctVolume:
     spacing_mm : tuple of 3 floats
         (between B-scans, axial, lateral) pixel spacing in mm. For a single
         B-scan the first entry is the nominal B-scan spacing (may be 0).
-    spacing_source : {"file", "default", "estimated"}
-        Where ``spacing_mm`` came from.
+    spacing_source : {"file", "default", "estimated", "user"}
+        Where ``spacing_mm`` came from: the file's header, octpipe's default (nothing
+        known), estimated from the image, or given by the user (``--spacing-mm``).
     laterality : {"OD", "OS"} or None
         Right or left eye, or None when unknown.
     scan_pattern : str
@@ -131,3 +133,76 @@ class OctVolume:
     def shape(self) -> tuple[int, int, int]:
         """``(n_bscans, n_axial, n_ascans)``."""
         return tuple(self.data.shape)  # type: ignore[return-value]
+
+
+def parse_spacing(text: str) -> tuple[float | None, float | None, float | None]:
+    """Parse a ``--spacing-mm`` value ``"Z,Y,X"`` in mm; an empty field keeps the file's value.
+
+    Parameters
+    ----------
+    text : str
+        Three comma-separated fields (between B-scans, axial, lateral), e.g.
+        ``"0.12,0.0039,0.0113"`` or ``",0.0039,0.0113"``. Z may be 0 (single B-scans);
+        Y and X must be > 0. At least one field must be given.
+
+    Returns
+    -------
+    tuple of (float or None)
+
+    Raises
+    ------
+    ValueError
+        With a one-line reason when the text is not three fields of finite numbers in range.
+
+    Examples
+    --------
+    >>> parse_spacing(",0.0039,0.0113")
+    (None, 0.0039, 0.0113)
+    >>> parse_spacing("0,0.004,")
+    (0.0, 0.004, None)
+    >>> parse_spacing("1,2")
+    Traceback (most recent call last):
+    ...
+    ValueError: spacing must be Z,Y,X in mm (3 comma-separated fields, empty = keep the file's), got '1,2'
+    """
+    parts = str(text).split(",")
+    if len(parts) != 3:
+        raise ValueError(f"spacing must be Z,Y,X in mm (3 comma-separated fields, empty = keep the file's), "
+                         f"got {text!r}")
+    out: list[float | None] = []
+    for name, part in zip("ZYX", parts, strict=True):
+        part = part.strip()
+        if not part:
+            out.append(None)
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise ValueError(f"spacing {name} must be a number in mm, got {part!r}") from None
+        if not np.isfinite(value) or value < 0 or (name != "Z" and value == 0) or value > 100:
+            raise ValueError(f"spacing {name} must be finite and in {'[0' if name == 'Z' else '(0'}, 100] mm, "
+                             f"got {part!r}")
+        out.append(value)
+    if all(v is None for v in out):
+        raise ValueError(f"spacing must give at least one of Z,Y,X in mm, got {text!r}")
+    return out[0], out[1], out[2]
+
+
+def override_spacing(vol: OctVolume, spacing: tuple[float | None, float | None, float | None] | None) -> OctVolume:
+    """``vol`` with the user's spacing (None fields keep the volume's), ``spacing_source="user"``.
+
+    Examples
+    --------
+    >>> v = OctVolume(np.zeros((1, 4, 4), np.float32), spacing_mm=(0.0, 0.00387, 0.0113))
+    >>> w = override_spacing(v, (None, 0.005, None))
+    >>> w.spacing_mm, w.spacing_source
+    ((0.0, 0.005, 0.0113), 'user')
+    >>> override_spacing(v, None) is v
+    True
+    """
+    from dataclasses import replace
+
+    if spacing is None or all(s is None for s in spacing):
+        return vol
+    new = tuple(float(old if s is None else s) for old, s in zip(vol.spacing_mm, spacing, strict=True))
+    return replace(vol, spacing_mm=new, spacing_source="user")  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from octpipe.cli import app, state
+from octpipe.cli.info import IMAGES_HELP, SPACING_HELP, images_option, spacing_option
 
 
 def _percentiles(text: str | None) -> tuple[float, float] | None:
@@ -52,6 +53,9 @@ def ingest(
     hash_paths: bool = typer.Option(False, "--hash-paths", help="Record salted hashes instead of file paths in "
                                                                 "the store, manifest and logs (use when file or "
                                                                 "folder names carry patient names)."),
+    images: str = typer.Option("auto", "--images", help=IMAGES_HELP + " The manifest's images column says which "
+                                                                      "was taken."),
+    spacing_mm: str = typer.Option(None, "--spacing-mm", help=SPACING_HELP + " Applies to every input of the run."),
 ) -> None:
     """Read every OCT file under SOURCES, preprocess each volume as in the paper and write the store.
 
@@ -61,6 +65,10 @@ def ingest(
     One Dask task per file; a bad file is recorded as failed and the batch goes on; a
     rerun skips volumes already complete. Exit code 0 when every input succeeded or was
     skipped, 1 when any failed.
+
+    The images of a folder are one volume when they have one size and names numbered in
+    sequence (Image 1..19.tif, bscan_000.png ...), else independent B-scans, one volume
+    each (--images overrides; the manifest's images column records the choice).
 
     Example: octpipe ingest exports/ -o cohort.zarr --workers 2
     """
@@ -72,12 +80,15 @@ def ingest(
         raise typer.BadParameter(f"must be healthy or diseased, got {label!r}", param_hint="--label")
     if display not in ("log", "root4"):
         raise typer.BadParameter(f"must be log or root4, got {display!r}", param_hint="--display")
+    spacing = spacing_option(spacing_mm)
+    images = images_option(images)
     config = PreprocessConfig(display_transform=display, normalize_percentiles=_percentiles(robust), factor=factor,
                               target_spacing_mm=target_spacing, use_vendor_layers=not no_vendor_layers)
     result = run_ingest(sources, out, workers=workers, scheduler=scheduler, manifest=manifest,
                         overwrite=overwrite, memory_limit=memory_limit, config=config, label=labels[label],
                         progress=state["progress"], echo=(lambda line: typer.echo(line, err=True))
-                        if state["verbosity"] >= 0 else None, hash_paths=hash_paths)
+                        if state["verbosity"] >= 0 else None, hash_paths=hash_paths, images=images,
+                        spacing=spacing)
     c = result.counts
     if state["verbosity"] >= 0:
         typer.echo(f"ingest: {c['ok']} written, {c['skipped']} skipped, {c['failed']} failed in {result.seconds} s; "
