@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from octpipe.cli import app, state
+from octpipe.cli.info import SPACING_HELP, spacing_option
 
 
 @app.command()
@@ -19,6 +20,7 @@ def layers(
                                          "octpipe's segmentation."),
     series: int = typer.Option(0, "--series", min=0, help="Series of a multi-series file. Default 0."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    spacing_mm: str = typer.Option(None, "--spacing-mm", help=SPACING_HELP),
 ) -> None:
     """Find the ILM and Bruch's membrane and write their rows per A-scan.
 
@@ -32,25 +34,26 @@ def layers(
 
     from octpipe.errors import OctpipeError
     from octpipe.io import read_volume
-    from octpipe.preprocess.intensity import display_full_scale, to_display
-    from octpipe.preprocess.layers import choose_layers, segment_ilm_bm
+    from octpipe.preprocess.prepare import segment_source
+    from octpipe.volume import override_spacing
 
+    spacing = spacing_option(spacing_mm)
     if out.exists() and not overwrite:
         raise OctpipeError("output exists; pass --overwrite to replace it", out)
     if not file.exists():
         raise OctpipeError("no such file or folder", file)
     vol = read_volume(file, series=series)
-    display = to_display(vol.data, domain=vol.intensity, full_scale=display_full_scale(vol.meta, vol.data))
-    result = segment_ilm_bm(display, spacing_mm=vol.spacing_mm, invalid=vol.invalid)
-    vendor = {k: vol.layers[k] for k in ("ILM", "BM") if k in vol.layers} or None
-    result = choose_layers(result, vendor if vendor and len(vendor) == 2 else None, use_vendor=use_vendor)
+    vol = override_spacing(vol, spacing)
+    result, vol = segment_source(vol, use_vendor=use_vendor)  # spacing estimated when the file has none
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.npz")
     qc = json.dumps(result.qc, default=float)
     np.savez_compressed(tmp, ilm=result.ilm, bm=result.bm, qc=np.array(qc),
-                        spacing_mm=np.asarray(vol.spacing_mm, dtype=np.float64))
+                        spacing_mm=np.asarray(vol.spacing_mm, dtype=np.float64),
+                        spacing_source=np.array(vol.spacing_source))
     tmp.replace(out)
     if state["verbosity"] >= 0:
         flags = ", ".join(result.qc.get("flags", [])) or "none"
         typer.echo(f"{file.name}: ILM/BM for {result.ilm.shape[0]} B-scans x {result.ilm.shape[1]} A-scans "
-                   f"(source {result.qc.get('source', 'octpipe')}; QC flags: {flags}) -> {out}")
+                   f"(source {result.qc.get('source', 'octpipe')}; spacing {vol.spacing_source}; QC flags: {flags}) "
+                   f"-> {out}")

@@ -18,6 +18,16 @@ Conventions
       range; ``intensity`` is ``"display"``.
     - Image files carry no geometry, so ``spacing_mm`` is :data:`DEFAULT_SPACING_MM`
       (Spectralis-like) with ``spacing_source="default"``; laterality is unknown.
+    - **Fill regions** are marked invalid (``OctVolume.invalid``, data 0 there): the
+      constant areas that exports put outside the scanned field (Heyex's white fill
+      beside a tilted scan, black or grey padding, rotation wedges). See
+      :func:`fill_mask`: a region is fill when it is flat (no speckle: local standard
+      deviation under :data:`FILL_FLAT_STD` of full scale), touches the image border,
+      and covers at least :data:`FILL_MIN_FRACTION` of the image; the JPEG fringe
+      around it, within :data:`FILL_FRINGE_TOLERANCE` of its value, is included. Real
+      tissue and vitreous carry speckle, so they are not flat; a black area counts as
+      fill only as a strip along the border (a vitreous or choroid clipped to black by
+      the export's display mapping is wide, and is image).
 
 Writer
     :func:`write_bscan_folder` writes ``bscan_000.png``, ``bscan_001.png``, ... as
@@ -45,7 +55,8 @@ from octpipe.io._common import (
 )
 from octpipe.volume import OctVolume
 
-__all__ = ["read_bscan_image", "read_bscan_folder", "write_bscan_folder", "DEFAULT_SPACING_MM", "IMAGE_SUFFIXES"]
+__all__ = ["read_bscan_image", "read_bscan_folder", "write_bscan_folder", "fill_mask", "DEFAULT_SPACING_MM",
+           "IMAGE_SUFFIXES"]
 
 #: Spacing (between B-scans, axial, lateral) in mm used when a file has none:
 #: a Heidelberg Spectralis 49-line, 20x20 degree macular volume (0.12 mm between
@@ -54,6 +65,20 @@ DEFAULT_SPACING_MM: tuple[float, float, float] = (0.12, 0.00387, 0.0113)
 
 #: File suffixes (lower case) that :func:`read_bscan_folder` picks up.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+#: Local standard deviation (fraction of full scale, 5x5 window) below which pixels are flat.
+FILL_FLAT_STD = 0.006
+#: Smallest fill region, as a fraction of the image.
+FILL_MIN_FRACTION = 0.002
+#: Flat regions at most this dark (fraction of full scale) are fill only as a strip along
+#: the border (padding, a rotation wedge): no wider or taller than :data:`FILL_DARK_STRIP`.
+FILL_DARK_LEVEL = 0.03
+#: Largest extent of a dark fill strip, as a fraction of the image's height or width.
+FILL_DARK_STRIP = 0.2
+#: Pixels next to a fill region within this fraction of full scale of its value join it.
+FILL_FRINGE_TOLERANCE = 0.06
+#: Width in pixels of that fringe.
+FILL_FRINGE_PX = 3
 
 _LUMA = (0.299, 0.587, 0.114)
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -212,11 +237,71 @@ def _read_frames(path: Path) -> tuple[list[npt.NDArray[np.float32]], int, str]:
         raise CorruptFileError(f"cannot decode image: {type(exc).__name__}: {exc}", path) from exc
 
 
+def fill_mask(frame: npt.ArrayLike, *, full_scale: float = 255.0) -> npt.NDArray[np.bool_]:
+    """Pixels of one B-scan image that are export fill, not image (see the module notes).
+
+    Parameters
+    ----------
+    frame : array_like, shape (height, width)
+        Grey values as stored.
+    full_scale : float
+        The value of white (255 for 8-bit, 65535 for 16-bit images).
+
+    Returns
+    -------
+    ndarray of bool, shape (height, width)
+        True on fill pixels.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> img = rng.integers(0, 120, size=(60, 80)).astype(np.float32)  # speckle
+    >>> img[:20, :30] = 255.0  # a white wedge in the corner
+    >>> m = fill_mask(img)
+    >>> bool(m[:20, :30].all()), int(m[20:, :].sum() + m[:, 30:].sum())
+    (True, 0)
+    """
+    from scipy import ndimage as ndi
+
+    g = np.asarray(frame, dtype=np.float64)
+    if g.ndim != 2 or min(g.shape) < 8 or not np.isfinite(g).all():
+        return np.zeros(np.shape(g), dtype=bool)
+    scale = max(float(full_scale), 1e-12)
+    mean = ndi.uniform_filter(g, 5, mode="nearest")
+    var = ndi.uniform_filter(g * g, 5, mode="nearest") - mean * mean
+    flat = var < (FILL_FLAT_STD * scale) ** 2
+    labels, n = ndi.label(flat)
+    if n == 0:
+        return np.zeros(g.shape, dtype=bool)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    border = border[border > 0]
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    out = np.zeros(g.shape, dtype=bool)
+    boxes = ndi.find_objects(labels)
+    for lab in border[sizes[border] >= max(32, FILL_MIN_FRACTION * g.size)]:
+        region = labels == lab
+        value = float(np.median(g[region]))
+        rows, cols = boxes[lab - 1]
+        strip = (rows.stop - rows.start) <= FILL_DARK_STRIP * g.shape[0] or \
+            (cols.stop - cols.start) <= FILL_DARK_STRIP * g.shape[1]
+        if value <= FILL_DARK_LEVEL * scale and not strip:
+            continue  # a wide dark area (a vitreous clipped to black) is image, not fill
+        near = np.abs(g - value) <= FILL_FRINGE_TOLERANCE * scale
+        out |= ndi.binary_dilation(region, structure=np.ones((3, 3), bool), iterations=FILL_FRINGE_PX,
+                                    mask=near) | region
+    return out
+
+
 def _volume(data: npt.NDArray[np.float32], *, depth: int, fmt: str, source: Path,
             reader: str, sha256: str | None) -> OctVolume:
     prov, vid = make_provenance(source, reader=reader, format=fmt, sha256=sha256)
+    full_scale = float(2 ** depth - 1) if depth in (1, 8, 16) else float(np.nanmax(data)) if data.size else 1.0
+    invalid = np.stack([fill_mask(frame, full_scale=full_scale) for frame in data])
+    if invalid.any():
+        data = np.where(invalid, np.float32(0.0), data)
     return OctVolume(
         data=data,
+        invalid=invalid if invalid.any() else None,
         spacing_mm=DEFAULT_SPACING_MM,
         spacing_source="default",
         laterality=None,
@@ -225,7 +310,7 @@ def _volume(data: npt.NDArray[np.float32], *, depth: int, fmt: str, source: Path
         intensity="display",
         volume_id=vid,
         provenance=prov,
-        meta={"bit_depth": depth, "n_bscans": int(data.shape[0])},
+        meta={"bit_depth": depth, "n_bscans": int(data.shape[0]), "fill_fraction": float(invalid.mean())},
     )
 
 

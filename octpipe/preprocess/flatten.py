@@ -16,8 +16,12 @@ the 64-row patch, so a stride-32 grid has three rows of patches), ``bm_row`` 112
 (62 µm of RPE/Bruch/choriocapillaris context below BM), top margin 4 rows. That leaves
 108 rows = 418 µm above BM, more than the thickest healthy macula (about 350-400 µm at
 the parafoveal ring), so healthy eyes are only shifted and never rescaled; thickened
-diseased retinas are compressed. Configs in µm convert with the volume's axial spacing
-(:func:`flatten_geometry`).
+diseased retinas are compressed. Configs are in µm. The area is sampled on a fixed axial
+grid, ``axial_spacing_um`` (3.87 µm by default), whatever the source's axial spacing: a
+Cirrus (1.95 µm), Topcon (2.6 µm) or resized export then gives the same 128 rows of the same
+µm as a Spectralis volume, which is what a model trained on one store needs. The flatmap's
+``scale`` then includes the source-to-grid factor (``source µm / grid µm`` where no
+compression is needed). ``axial_spacing_um=None`` keeps each volume's own sampling.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from scipy import ndimage as ndi
 __all__ = [
     "FlattenConfig",
     "flatten_geometry",
+    "axial_factor",
     "bm_reference",
     "flatten_map",
     "flatten_image",
@@ -55,35 +60,67 @@ class FlattenConfig:
     bm_smooth_um : float
         Lateral Gaussian sigma for the BM reference (µm); drusen-scale bumps of a
         misdetected BM are smoothed away, the globe's curvature is kept. Default 100 µm.
+    axial_spacing_um : float or None
+        Axial sampling of the flattened area (µm per row); None = the source's own.
+        Default 3.87 µm (Spectralis; 128 rows for the default area).
     """
 
     area_height_um: float = 495.4
     below_bm_um: float = 61.9
     top_margin_um: float = 15.5
     bm_smooth_um: float = 100.0
+    axial_spacing_um: float | None = 3.87
 
     def __post_init__(self) -> None:
         for name in ("area_height_um", "below_bm_um", "top_margin_um", "bm_smooth_um"):
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite value >= 0, got {value}")
+        a = self.axial_spacing_um
+        if a is not None and (isinstance(a, bool) or not np.isfinite(a) or a <= 0):
+            raise ValueError(f"axial_spacing_um must be a finite value > 0 or None, got {a}")
         if self.below_bm_um + self.top_margin_um >= self.area_height_um:
             raise ValueError(
                 f"area_height_um ({self.area_height_um}) must exceed below_bm_um + top_margin_um "
                 f"({self.below_bm_um + self.top_margin_um})")
 
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> FlattenConfig:
+        """The config ``dataclasses.asdict`` wrote; missing keys take the defaults.
+
+        Raises
+        ------
+        ValueError
+            An unknown key, or a value out of range.
+
+        Examples
+        --------
+        >>> FlattenConfig.from_dict({"area_height_um": 400.0}).area_height_um
+        400.0
+        """
+        from dataclasses import fields
+
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown flattening setting(s): {', '.join(unknown)}")
+        return cls(**{k: None if v is None else float(v) for k, v in data.items()})
+
 
 def flatten_geometry(config: FlattenConfig, axial_spacing_mm: float) -> tuple[int, int, int]:
-    """``(height, bm_row, top_margin)`` in rows for a given axial spacing.
+    """``(height, bm_row, top_margin)`` in rows of the flattened area for a source axial spacing.
 
     Examples
     --------
     >>> flatten_geometry(FlattenConfig(), 0.00387)
     (128, 112, 4)
+    >>> flatten_geometry(FlattenConfig(), 0.00774)  # resampled to the 3.87 µm grid
+    (128, 112, 4)
+    >>> flatten_geometry(FlattenConfig(axial_spacing_um=None), 0.00774)
+    (64, 56, 2)
     """
     if not axial_spacing_mm > 0:
         raise ValueError(f"axial spacing must be > 0 mm, got {axial_spacing_mm}")
-    um = axial_spacing_mm * 1e3
+    um = config.axial_spacing_um if config.axial_spacing_um is not None else axial_spacing_mm * 1e3
     height = int(round(config.area_height_um / um))
     below = int(round(config.below_bm_um / um))
     margin = int(round(config.top_margin_um / um))
@@ -106,9 +143,22 @@ def bm_reference(bm: npt.ArrayLike, *, sigma_columns: float) -> npt.NDArray[np.f
     return out
 
 
+def axial_factor(config: FlattenConfig, axial_spacing_mm: float) -> float:
+    """Rows of the flattened area per source row without compression (source µm / grid µm).
+
+    Examples
+    --------
+    >>> axial_factor(FlattenConfig(), 0.00774)
+    2.0
+    """
+    if config.axial_spacing_um is None:
+        return 1.0
+    return float(axial_spacing_mm * 1e3 / config.axial_spacing_um)
+
+
 def flatten_map(
     ilm: npt.ArrayLike, bm: npt.ArrayLike, *, height: int, bm_row: int, top_margin: int = 4,
-    sigma_columns: float = 0.0,
+    sigma_columns: float = 0.0, rows_per_source_row: float = 1.0,
 ) -> npt.NDArray[np.float32]:
     """The flatmap ``(2, n_bscans, n_ascans)``: BM reference row and scale per A-scan.
 
@@ -120,11 +170,13 @@ def flatten_map(
         Output area height, the row BM lands on, and the room kept above the ILM.
     sigma_columns : float
         Lateral smoothing of the BM reference, in columns.
+    rows_per_source_row : float
+        Output rows per source row where the retina fits (:func:`axial_factor`).
 
     Returns
     -------
     ndarray of float32, shape (2, n_bscans, n_ascans)
-        ``[bm_ref, scale]`` with ``scale <= 1``.
+        ``[bm_ref, scale]`` with ``scale <= rows_per_source_row``.
     """
     if not 0 < bm_row < height or not 0 <= top_margin < bm_row:
         raise ValueError(f"need 0 <= top_margin < bm_row < height, got {top_margin}, {bm_row}, {height}")
@@ -132,7 +184,10 @@ def flatten_map(
     ilm = np.asarray(ilm, dtype=np.float64)
     thickness = ref - np.where(np.isfinite(ilm), ilm, ref)
     room = float(bm_row - top_margin)
-    scale = np.where(thickness > room, room / np.maximum(thickness, 1e-9), 1.0)
+    base = float(rows_per_source_row)
+    if not (np.isfinite(base) and base > 0):
+        raise ValueError(f"rows_per_source_row must be > 0, got {rows_per_source_row}")
+    scale = np.where(thickness * base > room, room / np.maximum(thickness, 1e-9), base)
     return np.stack([ref, scale]).astype(np.float32)
 
 

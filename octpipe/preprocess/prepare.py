@@ -1,6 +1,7 @@
 """One volume through every preprocessing stage of the paper.
 
-``read`` (an :class:`~octpipe.volume.OctVolume`) -> display domain -> per-volume [-1, 1]
+``read`` (an :class:`~octpipe.volume.OctVolume`) -> display domain -> spacing estimated from
+the retina when the file has none (:mod:`octpipe.preprocess.scale`) -> per-volume [-1, 1]
 normalisation -> column downsampling -> ILM/BM (vendor layers when present and plausible,
 else octpipe's segmentation) -> flattening to BM. The result, a
 :class:`PreparedVolume`, is what the store keeps for every volume. Pure: no files.
@@ -13,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from octpipe.preprocess.flatten import FlattenConfig, flatten_geometry, flatten_image, flatten_map
+from octpipe.preprocess.flatten import FlattenConfig, axial_factor, flatten_geometry, flatten_image, flatten_map
 from octpipe.preprocess.intensity import DISPLAY_TRANSFORMS, display_full_scale, normalize_volume, to_display
 from octpipe.preprocess.resample import (
     downsample_boundaries,
@@ -23,7 +24,7 @@ from octpipe.preprocess.resample import (
 )
 from octpipe.volume import OctVolume
 
-__all__ = ["PreprocessConfig", "PreparedVolume", "prepare_volume"]
+__all__ = ["PreprocessConfig", "PreparedVolume", "prepare_volume", "segment_source"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,34 @@ class PreprocessConfig:
         """JSON-ready form, stored with every volume."""
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> PreprocessConfig:
+        """The config :meth:`to_dict` wrote (also after a JSON round trip); missing keys take the defaults.
+
+        Raises
+        ------
+        ValueError
+            An unknown key, or a value out of range.
+
+        Examples
+        --------
+        >>> import json
+        >>> c = PreprocessConfig(normalize_percentiles=(0.5, 99.5))
+        >>> PreprocessConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+        True
+        """
+        from dataclasses import fields
+
+        values = dict(data)
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown preprocessing setting(s): {', '.join(unknown)}")
+        if values.get("normalize_percentiles") is not None:
+            values["normalize_percentiles"] = tuple(float(v) for v in values["normalize_percentiles"])
+        if isinstance(values.get("flatten"), dict):
+            values["flatten"] = FlattenConfig.from_dict(values["flatten"])
+        return cls(**values)
+
 
 @dataclass(frozen=True)
 class PreparedVolume:
@@ -83,6 +112,8 @@ class PreparedVolume:
     height, bm_row : int, flattened area geometry in rows
     display_range : (float, float), display values mapped to -1 and 1
     qc : dict, quality flags from segmentation and flattening
+    spacing_mm : (float, float, float), the source-grid spacing used (z, y, x) in mm
+    spacing_source : str, where it came from (``file``, ``user``, ``estimated``, ``default``)
     """
 
     image: npt.NDArray[np.float32]
@@ -95,6 +126,8 @@ class PreparedVolume:
     bm_row: int
     display_range: tuple[float, float]
     qc: dict[str, object]
+    spacing_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    spacing_source: str = "default"
 
 
 def _find_layers(display_ds: np.ndarray, vol: OctVolume, factor: int, spacing_ds: tuple[float, float, float],
@@ -127,11 +160,14 @@ def prepare_volume(vol: OctVolume, config: PreprocessConfig | None = None, *,
     -------
     PreparedVolume
     """
+    from octpipe.preprocess.scale import resolve_spacing
+
     config = config or PreprocessConfig()
-    dz, dy, dx = vol.spacing_mm
     display = to_display(vol.data, domain=vol.intensity,  # type: ignore[arg-type]
                          full_scale=display_full_scale(vol.meta, vol.data),
                          method=config.display_transform)  # type: ignore[arg-type]
+    vol = resolve_spacing(vol, display)
+    dz, dy, dx = vol.spacing_mm
     invalid = vol.invalid if vol.invalid is not None and vol.invalid.any() else None
     image, display_range = normalize_volume(display, invalid=invalid, percentiles=config.normalize_percentiles)
     factor = lateral_factor(dx, factor=config.factor, target_spacing_mm=config.target_spacing_mm)
@@ -144,8 +180,10 @@ def prepare_volume(vol: OctVolume, config: PreprocessConfig | None = None, *,
     ilm, bm, qc = _find_layers((image_ds + 1.0) / 2.0, vol, factor, spacing_ds, invalid_ds,
                                config.use_vendor_layers)
     height, bm_row, margin = flatten_geometry(config.flatten, dy)
+    base = axial_factor(config.flatten, dy)
     sigma_cols = config.flatten.bm_smooth_um / (dx * factor * 1e3)
-    flatmap = flatten_map(ilm, bm, height=height, bm_row=bm_row, top_margin=margin, sigma_columns=sigma_cols)
+    flatmap = flatten_map(ilm, bm, height=height, bm_row=bm_row, top_margin=margin, sigma_columns=sigma_cols,
+                          rows_per_source_row=base)
     flat = flatten_image(image_ds, flatmap, height=height, bm_row=bm_row, fill=-1.0)
     mask_ds = None
     if mask is not None:
@@ -154,9 +192,38 @@ def prepare_volume(vol: OctVolume, config: PreprocessConfig | None = None, *,
             raise ValueError(f"mask shape {m.shape} != volume shape {vol.data.shape}")
         mask_ds = downsample_labels(m, factor)
     qc = dict(qc)
-    qc["scaled_fraction"] = float((flatmap[1] < 1.0).mean())
+    qc["scaled_fraction"] = float((flatmap[1] < base * (1.0 - 1e-6)).mean())
+    if vol.spacing_source == "estimated":
+        qc["spacing_estimate"] = vol.meta.get("spacing_estimate")
     return PreparedVolume(
         image=image_ds.astype(np.float32), layers=np.stack([ilm, bm]).astype(np.float32), flat=flat,
         flatmap=flatmap, mask=mask_ds, factor=factor, height=height, bm_row=bm_row,
-        display_range=display_range, qc=qc,
+        display_range=display_range, qc=qc, spacing_mm=tuple(float(v) for v in vol.spacing_mm),
+        spacing_source=vol.spacing_source,
     )
+
+
+def segment_source(vol: OctVolume, *, use_vendor: bool = False, display_transform: str = "log"):
+    """ILM/BM of a volume in its own pixel geometry (what ``octpipe layers`` writes).
+
+    The volume goes to the display domain, gets an image-based spacing estimate when the
+    file has none (:func:`octpipe.preprocess.scale.resolve_spacing`), and is segmented at
+    full resolution; with ``use_vendor`` the device's layers replace ours when plausible.
+
+    Returns
+    -------
+    result : LayerResult
+    vol : OctVolume
+        The volume with the spacing used (``spacing_source`` ``"estimated"`` when estimated).
+    """
+    from octpipe.preprocess.layers import choose_layers, segment_ilm_bm
+    from octpipe.preprocess.scale import resolve_spacing
+
+    display = to_display(vol.data, domain=vol.intensity,  # type: ignore[arg-type]
+                         full_scale=display_full_scale(vol.meta, vol.data),
+                         method=display_transform)  # type: ignore[arg-type]
+    vol = resolve_spacing(vol, display)
+    result = segment_ilm_bm(display, spacing_mm=vol.spacing_mm, invalid=vol.invalid)
+    vendor = {k: vol.layers[k] for k in ("ILM", "BM") if k in vol.layers}
+    result = choose_layers(result, vendor if len(vendor) == 2 else None, use_vendor=use_vendor)
+    return result, vol

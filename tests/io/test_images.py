@@ -207,10 +207,69 @@ def test_real_volume_folder() -> None:
         width, height = img.size
         first = np.asarray(img, dtype=np.float32)
     assert vol.shape == (19, height, width)
-    np.testing.assert_array_equal(vol.data[0], first)  # natural sort: Image 1 first, not Image 10
+    valid = ~vol.invalid[0] if vol.invalid is not None else np.ones(first.shape, bool)
+    np.testing.assert_array_equal(vol.data[0][valid], first[valid])  # natural sort: Image 1 first, not Image 10
     with Image.open(folder / "Image 2.TIFF") as img:
-        np.testing.assert_array_equal(vol.data[1], np.asarray(img, dtype=np.float32))
+        second = np.asarray(img, dtype=np.float32)
+        valid = ~vol.invalid[1] if vol.invalid is not None else np.ones(first.shape, bool)
+        np.testing.assert_array_equal(vol.data[1][valid], second[valid])
     assert vol.scan_pattern == "volume"
+
+
+def test_real_spectralis_white_fill_is_invalid() -> None:
+    """Heyex's white fill beside a tilted scan is marked invalid; the scan itself is not."""
+    path = _require(BILAL / "Raw Scans" / "Spectralis_1.tif")
+    with Image.open(path) as img:
+        grey = np.asarray(img.convert("L"), dtype=np.float32)
+    vol = read_bscan_image(path)
+    assert vol.invalid is not None
+    inv = vol.invalid[0]
+    white, black = grey >= 250, grey <= 5
+    assert inv[:40].sum() > 5000  # the white wedge along the top
+    assert np.mean(inv[:40][white[:40]]) > 0.95
+    assert np.mean((white | black)[inv]) > 0.95  # and black padding at the right edge
+    assert inv[100:400, 755:].mean() > 0.5
+    assert not inv[100:400, :740].any()  # retina and choroid untouched
+    assert (vol.data[0][inv] == 0).all()
+    assert vol.meta["fill_fraction"] == pytest.approx(inv.mean())
+
+
+@pytest.mark.parametrize("value", [255, 0, 128])
+@pytest.mark.parametrize("jpeg", [False, True])
+def test_fill_regions_of_any_value_are_found(tmp_path: Path, value: int, jpeg: bool) -> None:
+    rng = np.random.default_rng(3)
+    img = np.clip(rng.gamma(1.5, 25.0, size=(200, 300)), 0, 254).astype(np.uint8)  # speckle everywhere
+    yy, xx = np.mgrid[:200, :300]
+    wedge = yy < 30 - xx * 0.1  # a rotation wedge along the top
+    pad = (xx >= 270) & (yy >= 60)  # padding on the right
+    img[wedge | pad] = value
+    path = tmp_path / ("b.jpg" if jpeg else "b.png")
+    Image.fromarray(img).save(path, quality=90) if jpeg else Image.fromarray(img).save(path)
+    inv = read_bscan_image(path).invalid
+    assert inv is not None
+    fill = wedge | pad
+    # all of the fill, except at most a 2-px JPEG fringe; nothing of the speckle beyond that fringe
+    from scipy import ndimage as ndi
+    core = ndi.binary_erosion(fill, iterations=2, border_value=1)
+    outside = ~ndi.binary_dilation(fill, iterations=4)
+    assert inv[0][core].mean() > 0.95  # JPEG ringing at mid-grey reaches a few px further
+    assert not inv[0][outside].any()
+
+
+def test_speckle_only_image_has_no_fill(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    img = np.clip(rng.gamma(1.5, 25.0, size=(120, 160)), 0, 255).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "s.png")
+    assert read_bscan_image(tmp_path / "s.png").invalid is None
+
+
+def test_wide_black_area_is_image_not_fill(tmp_path: Path) -> None:
+    """A vitreous clipped to black by the export is dark image, not fill (only black strips are)."""
+    rng = np.random.default_rng(5)
+    img = np.clip(rng.gamma(1.5, 25.0, size=(200, 300)), 1, 255).astype(np.uint8)
+    img[:80] = 0  # 40 % of the height: a clipped vitreous
+    Image.fromarray(img).save(tmp_path / "v.png")
+    assert read_bscan_image(tmp_path / "v.png").invalid is None
 
 
 def test_real_zeiss_bmp() -> None:

@@ -20,7 +20,8 @@ def _smooth_volume(shape):
 
 def test_default_geometry_and_config_validation():
     assert flatten_geometry(FlattenConfig(), 0.00387) == (128, 112, 4)
-    assert flatten_geometry(FlattenConfig(), 0.00774) == (64, 56, 2)
+    assert flatten_geometry(FlattenConfig(), 0.00774) == (128, 112, 4)  # resampled to the 3.87 µm grid
+    assert flatten_geometry(FlattenConfig(axial_spacing_um=None), 0.00774) == (64, 56, 2)
     with pytest.raises(ValueError, match="must exceed"):
         FlattenConfig(area_height_um=50, below_bm_um=40, top_margin_um=20)
     with pytest.raises(ValueError):

@@ -1,0 +1,97 @@
+"""ILM/BM on real B-scans of six devices (../shared/data): found, and where they should be.
+
+The default run uses a small fixed sample; the sweeps over every real file are ``slow``
+(``benchmarks/layers_real.py`` reports the same per source and vendor).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from octpipe.io import read_volume
+from octpipe.preprocess.prepare import segment_source
+from octpipe.testing.realdata import (
+    VITREOUS_LESIONS,
+    label_ilm,
+    lesion_polygons,
+    rasterise_polygons,
+    real_bscans,
+    shared_data,
+)
+
+DATA = shared_data()
+pytestmark = pytest.mark.skipif(DATA is None, reason="../shared/data not available")
+ITEMS = list(real_bscans(DATA)) if DATA is not None else []
+#: QC flags that a reader of these B-scans agrees with (see the closing note's table):
+#: optic-nerve-head scans, where BM ends at the disc, and one membrane-detached scan.
+AGREED_FLAGS = {("zeiss-onh", "bm_low_contrast"), ("zeiss-onh", "thickness_out_of_range"),
+                ("zeiss-onh", "no_retina")}
+
+
+def _pick(source: str, n: int) -> list:
+    return [it for it in ITEMS if it.source == source][:n]
+
+
+def _sample() -> list:
+    return (_pick("bilalhassan-raw", 20)[::3] + _pick("octdl-val-AMD", 1) + _pick("octdl-train-NO", 1)
+            + _pick("kermany-DME", 1) + _pick("kermany-lesions", 2))
+
+
+def _ids(items: list) -> list[str]:
+    return [f"{it.source}:{it.path.name[:24]}" for it in items]
+
+
+@pytest.mark.parametrize("item", _sample(), ids=_ids(_sample()))
+def test_retina_found_on_real_sample(item) -> None:
+    res, vol = segment_source(read_volume(item.path))
+    assert "no_retina" not in res.qc["flags"], res.qc
+    thick = (res.bm - res.ilm)[0] * vol.spacing_mm[1] * 1e3
+    assert np.median(thick) > 100 and np.isfinite(res.ilm).all() and np.isfinite(res.bm).all()
+
+
+@pytest.mark.parametrize("item", [it for it in ITEMS if it.truth == "labels"][:20:4],
+                         ids=_ids([it for it in ITEMS if it.truth == "labels"][:20:4]))
+def test_ilm_matches_the_label_maps(item) -> None:
+    """ILM within 4 px (median) of the top edge of the retina labels (resized label maps)."""
+    res, vol = segment_source(read_volume(item.path))
+    truth = label_ilm(item.truth_path, vol.shape[1:])
+    ok = np.isfinite(truth)
+    assert np.median(np.abs(res.ilm[0][ok] - truth[ok])) <= 4.0
+
+
+_LESION_SAMPLE = [it for it in _pick("kermany-lesions", 12) if "DRUSEN" in it.path.name or "DME" in it.path.name][:4]
+
+
+@pytest.mark.parametrize("item", _LESION_SAMPLE, ids=_ids(_LESION_SAMPLE))
+def test_lesion_outlines_lie_inside_the_retina(item) -> None:
+    res, vol = segment_source(read_volume(item.path))
+    # a lamellar rupture (class 1) outlines tissue that is missing: above the ILM by construction
+    lab = rasterise_polygons(lesion_polygons(item.truth_path), vol.shape[1:], exclude=VITREOUS_LESIONS + (1,))
+    if not lab.any():
+        pytest.skip("only pre-retinal lesions")
+    rows = np.arange(vol.shape[1])[:, None]
+    inside = (rows >= res.ilm[0][None] - 0.5) & (rows <= res.bm[0][None] + 10)
+    assert (inside & (lab > 0)).sum() / (lab > 0).sum() >= 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("item", ITEMS, ids=_ids(ITEMS))
+def test_sweep_every_real_bscan(item) -> None:
+    """Every real B-scan: the retina is found, and any QC flag is one a reader agrees with."""
+    res, _ = segment_source(read_volume(item.path))
+    unexpected = [f for f in res.qc["flags"] if (item.source, f) not in AGREED_FLAGS]
+    assert "no_retina" not in unexpected and not unexpected, (item.path.name, res.qc["flags"])
+
+
+@pytest.mark.slow
+def test_lesion_pixels_inside_retina_over_all_outlines() -> None:
+    tot = inside_n = 0
+    for item in (it for it in ITEMS if it.truth == "lesions"):
+        res, vol = segment_source(read_volume(item.path))
+        lab = rasterise_polygons(lesion_polygons(item.truth_path), vol.shape[1:], exclude=VITREOUS_LESIONS + (1,))
+        rows = np.arange(vol.shape[1])[:, None]
+        inside = (rows >= res.ilm[0][None] - 0.5) & (rows <= res.bm[0][None] + 10)
+        tot += int((lab > 0).sum())
+        inside_n += int((inside & (lab > 0)).sum())
+    assert tot > 0 and inside_n / tot >= 0.95

@@ -1,0 +1,89 @@
+"""Spacing estimated from the retina: segmentation that does not depend on the export size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from octpipe.io.images import DEFAULT_SPACING_MM, fill_mask, read_bscan_image
+from octpipe.preprocess.layers import segment_ilm_bm
+from octpipe.preprocess.prepare import prepare_volume, segment_source
+from octpipe.preprocess.scale import PRIOR_THICKNESS_UM, estimate_spacing, resolve_spacing
+from octpipe.testing.realdata import shared_data
+from octpipe.volume import override_spacing
+
+DATA = shared_data()
+KERMANY_NORMAL = "cohorts/Goodsea_heysaw/deploy/val/NORMAL/NORMAL-4872585-1.jpeg"
+OCTDL_NORMAL = "cohorts/code-world-ad_OpticIntel-OCT-Disease-Detection-System/dataset/train/NO/no_1425855_1.jpg"
+
+
+def _require(rel: str) -> Path:
+    if DATA is None or not (DATA / rel).is_file():
+        pytest.skip(f"{rel} not available")
+    return DATA / rel
+
+
+def _segment(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    d = (a.astype(np.float32) / 255.0)[None]
+    inv = fill_mask(a.astype(np.float32))[None]
+    spacing, _ = estimate_spacing(d, DEFAULT_SPACING_MM, invalid=inv)
+    r = segment_ilm_bm(d, spacing_mm=spacing, invalid=inv)
+    return r.ilm[0].astype(np.float64), r.bm[0].astype(np.float64), spacing
+
+
+@pytest.mark.parametrize("rel", [KERMANY_NORMAL, OCTDL_NORMAL])
+@pytest.mark.parametrize(("sy", "sx"), [(0.5, 0.5), pytest.param(2.0, 2.0, marks=pytest.mark.slow)])
+def test_resized_bscan_gives_the_same_boundaries(rel: str, sy: float, sx: float) -> None:
+    """The same real B-scan resized 0.5x / 2x: boundaries scaled back agree within 1 px (median)."""
+    im = Image.open(_require(rel)).convert("L")
+    w, h = im.size
+    ilm0, bm0, sp0 = _segment(np.asarray(im))
+    a = np.asarray(im.resize((round(w * sx), round(h * sy)), Image.BICUBIC))
+    ilm, bm, sp = _segment(a)
+    assert sp[1] / sp0[1] == pytest.approx(1.0 / sy, rel=0.08)  # the spacing follows the resize
+    assert sp[2] / sp0[2] == pytest.approx(1.0 / sy, rel=0.08)
+    xs = (np.arange(w) + 0.5) * a.shape[1] / w - 0.5
+    for ours, base in ((ilm, ilm0), (bm, bm0)):
+        back = (np.interp(xs, np.arange(a.shape[1]), ours) + 0.5) * h / a.shape[0] - 0.5
+        d = np.abs(back - base)
+        assert np.median(d) <= 1.0 and np.percentile(d, 90) <= 2.0
+
+
+def test_estimate_follows_the_prior_thickness() -> None:
+    """A Spectralis B-scan (3.87 µm true) is estimated near its true spacing, the thickness at the prior."""
+    vol = read_bscan_image(_require(KERMANY_NORMAL))
+    display = vol.data / 255.0
+    spacing, info = estimate_spacing(display, vol.spacing_mm, invalid=vol.invalid)
+    assert info["converged"]
+    assert spacing[1] == pytest.approx(0.00387, rel=0.1)
+    assert info["thickness_px"] * spacing[1] * 1e3 == pytest.approx(PRIOR_THICKNESS_UM, rel=0.03)
+    assert spacing[2] / spacing[1] == pytest.approx(DEFAULT_SPACING_MM[2] / DEFAULT_SPACING_MM[1], rel=1e-3)
+
+
+def test_resolve_spacing_only_replaces_the_default() -> None:
+    vol = read_bscan_image(_require(KERMANY_NORMAL))
+    est = resolve_spacing(vol, vol.data / 255.0)
+    assert est.spacing_source == "estimated" and est.meta["spacing_estimate"]["converged"]
+    user = override_spacing(vol, (None, 0.005, 0.012))
+    assert resolve_spacing(user, user.data / 255.0) is user  # the user's spacing is never replaced
+
+
+def test_no_retina_keeps_the_default() -> None:
+    rng = np.random.default_rng(0)
+    noise = rng.random((1, 200, 160), dtype=np.float32)
+    spacing, info = estimate_spacing(noise, DEFAULT_SPACING_MM)
+    assert spacing == DEFAULT_SPACING_MM and info["reason"] == "no retina found"
+
+
+def test_prepared_volume_records_the_estimate() -> None:
+    vol = read_bscan_image(_require(OCTDL_NORMAL))
+    prepared = prepare_volume(vol)
+    assert prepared.spacing_source == "estimated"
+    assert prepared.spacing_mm[1] != DEFAULT_SPACING_MM[1]
+    # the flattened area is on the fixed 3.87 µm grid whatever the estimate
+    assert prepared.flat.shape[1] == 128 and prepared.bm_row == 112
+    result, used = segment_source(vol)
+    assert used.spacing_mm == prepared.spacing_mm and "no_retina" not in result.qc["flags"]
