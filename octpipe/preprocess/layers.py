@@ -73,7 +73,8 @@ Domain = Literal["linear", "sqrt", "display"]
 _DOMAINS = ("linear", "sqrt", "display")
 # Parameters that must be strictly positive (the others must be >= 0, offsets any sign).
 _POSITIVE = (
-    "ilm_max_slope", "bm_max_slope", "ilm_above_um", "ilm_first_edge_um", "bm_above_um", "bm_below_um",
+    "ilm_max_slope", "bm_max_slope", "ilm_above_um", "ilm_first_edge_um", "ilm_below_to_um", "ilm_tissue_level",
+    "bm_above_um", "bm_below_um",
     "bm_reference_width_um", "bm_reference_sigma_um", "bm_reference_tolerance_um", "bm_search_um",
     "max_thickness_um", "ilm_band_um", "bm_band_um", "outlier_um", "refine_outlier_um",
     "outlier_window_lateral_um",
@@ -116,6 +117,12 @@ class LayerParams:
     ilm_refine_first_edge_weight : float
         The same penalty inside the second-pass band (a bright focus just under the
         ILM has a stronger linear-domain edge than the ILM).
+    ilm_below_from_um, ilm_below_to_um, ilm_below_weight, ilm_tissue_level : float
+        Window under an ILM candidate that must hold tissue: where its mean brightness
+        (0 = dark level, 1 = brightest) is below ``ilm_tissue_level`` the candidate
+        costs up to ``ilm_below_weight``, and its edge does not count as a first edge for
+        the candidates under it. A detached hyaloid or a membrane in the vitreous is a
+        thin bright line with vitreous under it.
     bm_above_um : float
         Height of the bright band that must lie above a BM candidate.
     bm_gate_low, bm_gate_high : float
@@ -201,6 +208,10 @@ class LayerParams:
     ilm_first_edge_gap_um: float = 60.0
     ilm_first_edge_weight: float = 1.0
     ilm_refine_first_edge_weight: float = 0.5
+    ilm_below_from_um: float = 20.0
+    ilm_below_to_um: float = 100.0
+    ilm_below_weight: float = 1.0
+    ilm_tissue_level: float = 0.3
     bm_above_um: float = 12.0
     bm_gate_low: float = 0.55
     bm_gate_high: float = 0.75
@@ -258,6 +269,9 @@ class LayerParams:
         if not self.min_thickness_um < self.max_thickness_um:
             raise ValueError(f"min_thickness_um must be < max_thickness_um, got "
                              f"{self.min_thickness_um} and {self.max_thickness_um}")
+        if not self.ilm_below_from_um < self.ilm_below_to_um:
+            raise ValueError(f"ilm_below_from_um must be < ilm_below_to_um, got {self.ilm_below_from_um} and "
+                             f"{self.ilm_below_to_um}")
         if not self.ilm_first_edge_gap_um < self.ilm_first_edge_um:
             raise ValueError(f"ilm_first_edge_gap_um must be < ilm_first_edge_um, got "
                              f"{self.ilm_first_edge_gap_um} and {self.ilm_first_edge_um}")
@@ -689,13 +703,23 @@ def _first_pass_ilm(x: npt.NDArray[np.float32], valid: npt.NDArray[np.bool_], ge
     level = np.clip((s - lo) / (hi - lo), 0.0, 1.0)
     cost = -edge + np.float32(p.ilm_above_weight) * _window_mean(level, -max(1, round(geo.ax(p.ilm_above_um))), 0)
     cost[:, :2] = -edge[:, :2]  # nothing above the first rows
-    del level, s
+    del s
+    # the retina lies under the ILM: a thin bright line in the vitreous (a detached hyaloid,
+    # a membrane) has dark vitreous under it, the ILM has tissue
+    b0 = max(1, round(geo.ax(p.ilm_below_from_um)))
+    b1 = max(b0 + 1, round(geo.ax(p.ilm_below_to_um)))
+    tissue = np.clip(_window_mean(level, b0, b1) / np.float32(p.ilm_tissue_level), 0.0, 1.0)
+    if p.ilm_below_weight > 0:
+        cost += np.float32(p.ilm_below_weight) * (1.0 - tissue)
+    del level
     if p.ilm_first_edge_weight > 0:
         gap = max(2, round(geo.ax(p.ilm_first_edge_gap_um)))
         far = max(gap + 1, round(geo.ax(p.ilm_first_edge_um)))
-        strong = np.clip((edge - 0.35) / 0.4, 0.0, 1.0)  # edges of about half the typical strength or more
+        # edges of about half the typical strength or more, with tissue under them
+        strong = np.clip((edge - 0.35) / 0.4, 0.0, 1.0) * tissue
         cost += np.float32(p.ilm_first_edge_weight) * _window_max(strong, -far, -gap + 1)
         del strong
+    del tissue
     cost[:, max(1, ny - round(geo.ax(p.min_thickness_um))):, :] = 2.0  # no room for a retina below
     ilm = _dp_path(cost.astype(np.float32, copy=False), geo.jump(p.ilm_max_slope), geo.jump_cost(p.ilm_slope_cost))
     return ilm.astype(np.float64), lo, hi

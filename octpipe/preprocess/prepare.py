@@ -24,7 +24,7 @@ from octpipe.preprocess.resample import (
 )
 from octpipe.volume import OctVolume
 
-__all__ = ["PreprocessConfig", "PreparedVolume", "prepare_volume", "segment_source"]
+__all__ = ["PreprocessConfig", "PreparedVolume", "prepare_volume", "segment_source", "layer_params"]
 
 
 @dataclass(frozen=True)
@@ -130,11 +130,26 @@ class PreparedVolume:
     spacing_source: str = "default"
 
 
+def layer_params(vol: OctVolume):
+    """Segmentation parameters for a volume's source intensity.
+
+    The ILM's second pass looks for the steepest edge in linear reflectivity, which is
+    where the boundary is when the display mapping is known (``.vol``, E2E: linear
+    sources). An export already in the display domain (PNG, JPEG, TIFF, 8-bit DICOM) has a
+    vendor's unknown mapping; inverting it with Heyex's log puts the edge 2-4 px into the
+    nerve fibre layer (measured against the label maps of the real multi-vendor exports:
+    median +3.9 px linear, +1.4 px display), so it is found in the display domain.
+    """
+    from octpipe.preprocess.layers import LayerParams
+
+    return LayerParams() if vol.intensity == "linear" else LayerParams(ilm_domain="display")
+
+
 def _find_layers(display_ds: np.ndarray, vol: OctVolume, factor: int, spacing_ds: tuple[float, float, float],
                  invalid_ds: np.ndarray | None, use_vendor: bool) -> tuple[np.ndarray, np.ndarray, dict]:
     from octpipe.preprocess.layers import choose_layers, segment_ilm_bm
 
-    ours = segment_ilm_bm(display_ds, spacing_mm=spacing_ds, invalid=invalid_ds)
+    ours = segment_ilm_bm(display_ds, spacing_mm=spacing_ds, invalid=invalid_ds, params=layer_params(vol))
     vendor = None
     if "ILM" in vol.layers and "BM" in vol.layers:
         vendor = {"ILM": downsample_boundaries(vol.layers["ILM"], factor),
@@ -223,7 +238,7 @@ def segment_source(vol: OctVolume, *, use_vendor: bool = False, display_transfor
                          full_scale=display_full_scale(vol.meta, vol.data),
                          method=display_transform)  # type: ignore[arg-type]
     vol = resolve_spacing(vol, display)
-    result = segment_ilm_bm(display, spacing_mm=vol.spacing_mm, invalid=vol.invalid)
+    result = segment_ilm_bm(display, spacing_mm=vol.spacing_mm, invalid=vol.invalid, params=layer_params(vol))
     vendor = {k: vol.layers[k] for k in ("ILM", "BM") if k in vol.layers}
     result = choose_layers(result, vendor if len(vendor) == 2 else None, use_vendor=use_vendor)
     return result, vol
