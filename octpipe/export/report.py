@@ -85,6 +85,20 @@ def write_volume_report(path: str | Path, summary: dict[str, Any], model: dict[s
                           f"</figcaption></figure>")
     enface = "".join(f"<img src=\"{_data_uri(folder / n)}\" alt=\"{n}\">" for n in ("enface.png", "enface-max.png")
                      if (folder / n).is_file())
+    notes = [summary.get(k) for k in ("geometry_note", "enface_note") if summary.get(k)]
+    notes += list(summary.get("preprocessing_notes") or [])
+    notes_html = "".join(f"<p class=\"flag\">{html.escape(str(n))}</p>" for n in notes)
+    if summary.get("enface_note"):
+        enface_html = ""
+    else:
+        enface_html = f"""<h2>En-face anomaly (ETDRS grid on the fovea)</h2>
+<p>Mean (left) and maximum (right) anomaly over depth inside ILM..BM, superior up, in units of the normal RMS
+residual (1 = a typical healthy residual). Grid centre: B-scan {_fmt(fovea.get('bscan'))}, A-scan
+{_fmt(fovea.get('ascan'))} ({_fmt(fovea.get('method'))}).</p>
+<div class="grid">{enface}</div>
+<h2>ETDRS sectors (mean anomaly over depth)</h2>
+<table><tr><th class="l">sector</th><th>mean</th><th>max</th><th>covered mm&sup2;</th><th>covered</th></tr>
+{sector_rows}</table>"""
     card = model.get("card")
     card_html = f"<pre>{html.escape(card)}</pre>" if card else "<p>No model card.</p>"
     model_rows = "".join(f"<tr><th class=\"l\">{html.escape(k)}</th><td class=\"l\">{_fmt(v)}</td></tr>"
@@ -95,15 +109,8 @@ def write_volume_report(path: str | Path, summary: dict[str, Any], model: dict[s
 tissue that differs from the healthy training data; they are not a diagnosis.</div>
 <p>Eye: <b>{_fmt(summary.get('laterality'))}</b> - B-scan order: {_fmt(summary.get('bscan_order'))} -
 source format: {_fmt(summary.get('source_format'))} - windows scored: {summary['n_windows']}</p>
-<h2>Summary</h2>{kpi_html}{qc}
-<h2>En-face anomaly (ETDRS grid on the fovea)</h2>
-<p>Mean (left) and maximum (right) anomaly over depth inside ILM..BM, superior up, in units of the normal RMS
-residual (1 = a typical healthy residual). Grid centre: B-scan {_fmt(fovea.get('bscan'))}, A-scan
-{_fmt(fovea.get('ascan'))} ({_fmt(fovea.get('method'))}).</p>
-<div class="grid">{enface}</div>
-<h2>ETDRS sectors (mean anomaly over depth)</h2>
-<table><tr><th class="l">sector</th><th>mean</th><th>max</th><th>covered mm&sup2;</th><th>covered</th></tr>
-{sector_rows}</table>
+<h2>Summary</h2>{kpi_html}{qc}{notes_html}
+{enface_html}
 <h2>Most anomalous B-scans</h2>
 <p>Colour: residual from 1 (transparent) to {VMAX_Z:g} times the normal RMS residual; green line ILM, blue line
 BM.</p>
@@ -116,8 +123,11 @@ BM.</p>
     return out
 
 
-def write_index_html(path: str | Path, rows: list[dict[str, Any]]) -> Path:
-    """The screening index: every exported volume ranked by volume score, with links to reports."""
+def write_index_html(path: str | Path, rows: list[dict[str, Any]], *, failed: dict[str, str] | None = None) -> Path:
+    """The screening index: every exported volume ranked by volume score, with links to reports.
+
+    Volumes in ``failed`` (volume id to the one-line reason) are listed after them, status failed.
+    """
     out = Path(path)
     folder = out.parent
     lines = []
@@ -133,6 +143,12 @@ def write_index_html(path: str | Path, rows: list[dict[str, Any]]) -> Path:
             f"</td><td>{s['volume_score']:.4g}</td><td>{'' if pct is None else f'{pct:.1f}'}</td>"
             f"<td>{'' if frac is None else f'{100 * frac:.1f} %'}</td><td>{_fmt(s.get('laterality'))}</td>"
             f"<td class=\"l flag\">{html.escape(flags)}</td><td>{thumb}</td></tr>")
+    failed_html = ""
+    if failed:
+        items = "".join(f"<tr><td class=\"l\">{html.escape(vid)}</td><td class=\"l\">failed</td>"
+                        f"<td class=\"l flag\">{html.escape(reason)}</td></tr>" for vid, reason in failed.items())
+        failed_html = (f"<h2>Failed ({len(failed)})</h2>\n<table><tr><th class=\"l\">volume</th><th class=\"l\">"
+                       f"status</th><th class=\"l\">reason</th></tr>\n{items}</table>")
     body = f"""
 <h1>octpipe screening index</h1>
 <div class="ruo">{html.escape(RESEARCH_ONLY)}.</div>
@@ -142,6 +158,6 @@ p99: about 1 % for a healthy volume.</p>
 <table><tr><th>rank</th><th class="l">volume</th><th>volume score</th><th>percentile</th>
 <th>windows above normal p99</th><th>eye</th><th class="l">QC flags</th><th>en-face</th></tr>
 {''.join(lines)}</table>
-"""
+{failed_html}"""
     out.write_text(_page("octpipe screening index", body), encoding="utf-8")
     return out

@@ -16,7 +16,24 @@ Per volume, ``OUTDIR/<volume_id>/`` receives (all without patient identifiers):
 - ``summary.json``, written last: its presence marks the volume as done (a rerun skips it).
 
 A store export runs one Dask task per volume (or in this process with ``workers=0``), skips
-volumes already done, and writes the screening index ``index.html`` and ``index.csv``.
+volumes already done, and writes the screening index ``index.html`` and ``index.csv``. A volume
+that fails is listed there with status ``failed`` and its one-line reason (kept in
+``failed.json`` until a rerun exports it) and the rest goes on.
+
+Inputs (:func:`export_path`): an OCT file (every series of it), a folder of B-scan images (one
+volume when :func:`octpipe.pipeline.discover_inputs` / ``classify_image_folder`` says it is one,
+else one export per image, listed in the index), or a store (:func:`export_store`). A single
+input that cannot be read or prepared raises an :class:`~octpipe.errors.OctpipeError` naming the
+file and the reason before anything is written.
+
+Preprocessing contract: a file or folder is prepared with the preprocessing recorded in the model
+bundle (:meth:`FAnoGANModel.preprocess_config`, the store the model was trained on); a store's
+volumes must have been prepared with it too (:func:`check_store_preprocessing`), unless the
+caller allows the mismatch, which is then recorded in every sidecar.
+
+A single B-scan (or a file without B-scan spacing) has no extent between B-scans: the NIfTI and
+DICOM geometry use a nominal slice thickness equal to the lateral spacing (``geometry_spacing_mm``
+and ``geometry_note`` in the sidecar), and the en-face map and ETDRS sectors are not written.
 """
 
 from __future__ import annotations
@@ -30,9 +47,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,12 +58,21 @@ from octpipe.errors import OctpipeError
 from octpipe.export.anomaly import MapSettings, VolumeAnomaly, VolumeInput, compute_anomaly, volume_input_from_arrays
 from octpipe.export.enface import enface_projections, etdrs_labels, find_fovea, physical_coordinates, sector_table
 from octpipe.export.figures import write_enface_figure, write_gif, write_overlays
-from octpipe.models.fanogan.checkpoint import FAnoGANModel, load_run
+from octpipe.models.fanogan.checkpoint import FAnoGANModel, load_run, preprocessing_differences
 
-__all__ = ["ExportResult", "export_volume", "export_file", "export_store", "model_identity", "SUMMARY_NAME"]
+if TYPE_CHECKING:
+    from octpipe.preprocess.prepare import PreprocessConfig
+
+__all__ = ["ExportResult", "export_volume", "export_file", "export_path", "export_store", "model_identity",
+           "file_volume_input", "file_volume_inputs", "check_store_preprocessing", "geometry_spacing",
+           "SUMMARY_NAME", "FAILED_NAME"]
 
 #: File whose presence marks a volume's export as complete.
 SUMMARY_NAME = "summary.json"
+#: Volumes of an export folder that failed, with the reason (listed in the index until exported).
+FAILED_NAME = "failed.json"
+
+Spacing = tuple[float | None, float | None, float | None]
 
 
 @dataclass(frozen=True)
@@ -63,6 +89,11 @@ class ExportResult:
         Volume id to the one-line reason.
     seconds : float
         Wall time.
+    notes : list of str
+        One-line remarks for the user (inputs ignored, preprocessing mismatch allowed, ...).
+    names : dict of str to str
+        Volume id to the input's file name, for the console only (file names can carry patient
+        names: never written to the export).
     """
 
     out_dir: Path
@@ -70,6 +101,8 @@ class ExportResult:
     skipped: list[str]
     failed: dict[str, str]
     seconds: float
+    notes: list[str] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)
 
 
 def model_identity(model: FAnoGANModel) -> dict[str, Any]:
@@ -88,8 +121,30 @@ def model_identity(model: FAnoGANModel) -> dict[str, Any]:
         "latent_dim": m.latent_dim, "dim": m.dim, "image_size": m.image_size, "kappa": model.kappa,
         "encoder_mode": model.config.encoder.mode,
         "calibration_n": None if model.calibration is None else model.calibration.get("n"),
+        "preprocessing": model.preprocess_source,
         "card": card,
     }
+
+
+def geometry_spacing(spacing_mm: Sequence[float]) -> tuple[tuple[float, float, float], str | None]:
+    """The spacing for the NIfTI/DICOM geometry: the B-scan spacing made nominal when it is 0.
+
+    A single B-scan has no spacing between B-scans (0 in the file), but an affine and a DICOM
+    slice thickness must be > 0: the lateral spacing is used instead, and the note says so.
+
+    Examples
+    --------
+    >>> geometry_spacing((0.0, 0.0039, 0.0118))[0]
+    (0.0118, 0.0039, 0.0118)
+    >>> geometry_spacing((0.12, 0.0039, 0.0118))
+    ((0.12, 0.0039, 0.0118), None)
+    """
+    dz, dy, dx = (float(v) for v in spacing_mm)
+    if np.isfinite(dz) and dz > 0:
+        return (dz, dy, dx), None
+    note = (f"no B-scan spacing in the source (0 mm, as for a single B-scan): the NIfTI and DICOM geometry use a "
+            f"nominal slice thickness of {dx:g} mm (the lateral spacing)")
+    return (dx, dy, dx), note
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -157,38 +212,46 @@ def export_volume(vol: VolumeInput, model: FAnoGANModel, out_dir: str | Path, *,
         result = compute_anomaly(vol, model, settings)
         t_model = time.perf_counter() - t0
         attrs = vol.attrs
-        spacing = tuple(float(v) for v in attrs["source_spacing_mm"])
+        source_spacing = tuple(float(v) for v in attrs["source_spacing_mm"])
+        spacing, geometry_note = geometry_spacing(source_spacing)
         laterality = attrs.get("laterality")
         order = attrs.get("bscan_order")
-        centre = find_fovea(result.layers[0], result.layers[1], spacing)  # type: ignore[arg-type]
+        centre = find_fovea(result.layers[0], result.layers[1], spacing)
         mx, mean = enface_projections(result.residual, result.inside)
-        labels = etdrs_labels(mx.shape, spacing, centre, laterality, order)  # type: ignore[arg-type]
-        sectors = sector_table(mean, labels, spacing)  # type: ignore[arg-type]
-        _, y_mm = physical_coordinates(mx.shape, spacing, centre, laterality, order)  # type: ignore[arg-type]
-        meta = {"laterality": laterality, "y_mm": y_mm[:, 0]}
+        _, y_mm = physical_coordinates(mx.shape, spacing, centre, laterality, order)
+        meta = {"laterality": laterality, "y_mm": None if geometry_note else y_mm[:, 0]}
 
         frames = write_overlays(staging / "overlays", result.background, result.residual, result.layers, meta)
         write_gif(staging / "anomaly.gif", frames)
-        title = f"volume {vol.volume_id}: mean anomaly over depth"
-        write_enface_figure(staging / "enface.png", mean, spacing_mm=spacing, centre=centre,  # type: ignore[arg-type]
-                            laterality=laterality, bscan_order=order, sectors=sectors, title=title)
-        write_enface_figure(staging / "enface-max.png", mx, spacing_mm=spacing,  # type: ignore[arg-type]
-                            centre=centre, laterality=laterality, bscan_order=order, sectors=sector_table(
-                                mx, labels, spacing), title=f"volume {vol.volume_id}: maximum anomaly over depth")
-        _write_csv(staging / "sectors.csv", ["sector", "mean", "max", "covered_mm2", "covered_fraction"],
-                   [[r["sector"], r["mean"], r["max"], r["covered_mm2"], r["covered_fraction"]] for r in sectors])
+        enface_note = None
+        sectors: list[dict[str, Any]] = []
+        if mx.shape[0] < 2 or geometry_note:
+            enface_note = ("no en-face map or ETDRS sectors: " + ("a single B-scan has no extent between "
+                           "B-scans" if mx.shape[0] < 2 else "the source has no B-scan spacing"))
+        else:
+            labels = etdrs_labels(mx.shape, spacing, centre, laterality, order)
+            sectors = sector_table(mean, labels, spacing)
+            title = f"volume {vol.volume_id}: mean anomaly over depth"
+            write_enface_figure(staging / "enface.png", mean, spacing_mm=spacing, centre=centre,
+                                laterality=laterality, bscan_order=order, sectors=sectors, title=title)
+            write_enface_figure(staging / "enface-max.png", mx, spacing_mm=spacing, centre=centre,
+                                laterality=laterality, bscan_order=order, sectors=sector_table(mx, labels, spacing),
+                                title=f"volume {vol.volume_id}: maximum anomaly over depth")
+            _write_csv(staging / "sectors.csv", ["sector", "mean", "max", "covered_mm2", "covered_fraction"],
+                       [[r["sector"], r["mean"], r["max"], r["covered_mm2"], r["covered_fraction"]] for r in sectors])
         names = list(result.window_scores)
         _write_csv(staging / "windows.csv", ["bscan", "row", "col", "retina_fraction", *names],
                    [[*map(int, result.windows[i]), f"{result.window_retina[i]:.3f}",
                      *(f"{result.window_scores[n][i]:.6g}" for n in names)] for i in range(len(result.windows))])
-        _write_nifti(staging, result, spacing)  # type: ignore[arg-type]
+        _write_nifti(staging, result, spacing)
 
         identity = model_identity(model)
         summary = dict(result.summary)
         summary.update({
-            "laterality": laterality, "bscan_order": order, "source_format": attrs.get("format"),
+            "status": "ok", "laterality": laterality, "bscan_order": order, "source_format": attrs.get("format"),
             "label": attrs.get("label"), "qc_flags": list(attrs.get("qc", {}).get("flags", [])),
-            "fovea": centre.to_dict(), "sectors": sectors,
+            "fovea": centre.to_dict(), "sectors": sectors, "enface_note": enface_note,
+            "geometry_note": geometry_note, "preprocessing_notes": list(attrs.get("preprocessing_notes", [])),
             "most_anomalous_bscans": _top_bscans(result, 4),
         })
         sidecar = {
@@ -199,17 +262,22 @@ def export_volume(vol: VolumeInput, model: FAnoGANModel, out_dir: str | Path, *,
                      "window-score.nii.gz": "merged window score A as a percentile of held-out normal patches",
                      "source.nii.gz": "the volume as the model saw it (display domain, [0, 1])"},
             "axes": "NIfTI i = lateral (A-scan), j = B-scan, k = depth (-axial); see octpipe.io.nifti",
-            "laterality": laterality, "bscan_order": order, "spacing_mm": list(spacing),
+            "laterality": laterality, "bscan_order": order, "spacing_mm": list(source_spacing),
+            "spacing_source": attrs.get("spacing_source"),
+            "geometry_spacing_mm": list(spacing), "geometry_note": geometry_note, "enface_note": enface_note,
             "source_shape": list(vol.source_shape), "column_factor": vol.factor,
             "flattening": {**attrs.get("flatten", {}), "preprocess": attrs.get("preprocess")},
+            "preprocessing": {"applied": attrs.get("preprocess"), "model": model.preprocess_config().to_dict(),
+                              "model_source": model.preprocess_source,
+                              "model_flatten": (model.preprocess or {}).get("flatten"),
+                              "notes": list(attrs.get("preprocessing_notes", []))},
             "windows": {"size": model.image_size, "stride": settings.stride, "weighting": settings.weighting},
             "precision": settings.precision, "summary": result.summary,
         }
         _write_json(staging / "anomaly.json", sidecar)
         if dicom:
             root = Path(source_root) if source_root is not None else None
-            summary["dicom"] = _write_dicom(staging, vol, result, settings, spacing, root,  # type: ignore[arg-type]
-                                            np.stack(frames))
+            summary["dicom"] = _write_dicom(staging, vol, result, settings, spacing, root, np.stack(frames))
         summary["seconds_model"] = round(t_model, 3)
         if report:
             write_volume_report(staging / "report.html", summary, identity, staging)
@@ -246,33 +314,160 @@ def _write_dicom(out: Path, vol: VolumeInput, result: VolumeAnomaly, settings: M
 # --------------------------------------------------------------------------------------------
 # Inputs: a file or a store
 # --------------------------------------------------------------------------------------------
-def file_volume_input(path: str | Path, *, series: int = 0) -> VolumeInput:
-    """Read and prepare one OCT file exactly as ``octpipe ingest`` does (paper preprocessing)."""
-    from octpipe.io import read_volume
-    from octpipe.io._common import file_sha256
-    from octpipe.preprocess.prepare import PreprocessConfig, prepare_volume
+def _no_bm_reason(reason: str) -> str | None:
+    """The user's reason when flattening found no BM (the segmentation found no retina)."""
+    import re
+
+    m = re.search(r"B-scan (\d+) has no BM position", reason)
+    return f"no retina found (segmentation found no BM in B-scan {m.group(1)})" if m else None
+
+
+def _prepare_error(exc: Exception, path: Path) -> OctpipeError:
+    """A preprocessing failure as a one-line :class:`OctpipeError` naming the file."""
+    if isinstance(exc, OctpipeError):
+        return exc if exc.path is not None else OctpipeError(exc.reason, path)
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return OctpipeError(_no_bm_reason(text) or f"preprocessing failed: {text}", path)
+
+
+def _prepared_input(vol: Any, config: PreprocessConfig, *, path: Path, sha: str, series: int,
+                    notes: Sequence[str] = ()) -> VolumeInput:
+    from octpipe.preprocess.prepare import prepare_volume
     from octpipe.privacy import pseudonymous_id
 
-    p = Path(path)
-    vol = read_volume(p)
-    config = PreprocessConfig()
-    prepared = prepare_volume(vol, config)
-    sha = file_sha256(p)
+    try:
+        prepared = prepare_volume(vol, config)
+    except (OctpipeError, ValueError, ArithmeticError, IndexError) as exc:
+        raise _prepare_error(exc, path) from exc
+    # the spacing preprocessing used (estimated from the retina when the file has none), else the file's
+    spacing = tuple(float(v) for v in getattr(prepared, "spacing_mm", None) or vol.spacing_mm)
+    spacing_source = getattr(prepared, "spacing_source", None) or vol.spacing_source
+    if len(spacing) != 3 or not all(np.isfinite(spacing)) or min(spacing[1:]) <= 0:
+        spacing, spacing_source = tuple(float(v) for v in vol.spacing_mm), vol.spacing_source
     attrs = {
         "format": vol.provenance.format if vol.provenance else None,
-        "source_path": str(p),  # in memory only: never written (file names can carry names)
+        "source_path": str(path),  # in memory only: never written (file names can carry names)
         "source_shape": list(vol.shape),
-        "source_spacing_mm": list(vol.spacing_mm),
+        "source_spacing_mm": list(spacing),
+        "spacing_source": spacing_source,
         "laterality": vol.laterality,
         "bscan_order": vol.bscan_order,
         "column_factor": prepared.factor,
         "flatten": {"height": prepared.height, "bm_row": prepared.bm_row},
-        "preprocess": config.to_dict(),
+        "preprocess": json.loads(json.dumps(config.to_dict())),
+        "preprocessing_notes": list(notes),
         "qc": prepared.qc,
     }
-    vid = pseudonymous_id(sha, series)
-    return VolumeInput(volume_id=vid, image=prepared.image, layers=prepared.layers, flat=prepared.flat,
-                       flatmap=prepared.flatmap, mask=prepared.mask, attrs=attrs)
+    return VolumeInput(volume_id=pseudonymous_id(sha, series), image=prepared.image, layers=prepared.layers,
+                       flat=prepared.flat, flatmap=prepared.flatmap, mask=prepared.mask, attrs=attrs)
+
+
+def _read_source(path: Path, *, format: str | None = None, spacing: Spacing | None = None) -> tuple[list, str]:
+    """Every volume of a file or B-scan folder (the user's spacing applied) and the source's hash."""
+    from octpipe.io import read_volumes
+    from octpipe.io._common import file_sha256
+    from octpipe.volume import override_spacing
+
+    if not path.exists():
+        raise OctpipeError("no such file or folder", path)
+    volumes = read_volumes(path, format=format)
+    if path.is_dir():
+        prov = volumes[0].provenance
+        sha = prov.sha256 if prov is not None and prov.sha256 else _folder_digest(path)
+    else:
+        try:
+            sha = file_sha256(path)
+        except OSError as exc:
+            raise OctpipeError(f"cannot read: {exc.strerror or exc}", path) from None
+    return [override_spacing(v, spacing) for v in volumes], sha
+
+
+def _folder_digest(folder: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for p in sorted(folder.iterdir()):
+        if p.is_file():
+            digest.update(p.name.encode() + b"\0" + str(p.stat().st_size).encode() + b"\0")
+    return digest.hexdigest()
+
+
+def file_volume_inputs(path: str | Path, *, config: PreprocessConfig | None = None, spacing: Spacing | None = None,
+                       format: str | None = None, skip: Callable[[str], bool] | None = None,
+                       notes: Sequence[str] = ()) -> tuple[list[VolumeInput], list[str]]:
+    """Read every series of an OCT file (or B-scan folder) and prepare it as the model's training data was.
+
+    Parameters
+    ----------
+    path : str or Path
+        An OCT file, or a folder of B-scan images read as one volume.
+    config : PreprocessConfig, optional
+        The preprocessing (the model's: :meth:`FAnoGANModel.preprocess_config`); default
+        the paper's.
+    spacing : tuple of 3 (float or None), optional
+        The user's spacing Z,Y,X in mm (``--spacing-mm``); None fields keep the file's.
+    format : str, optional
+        Skip format detection.
+    skip : callable, optional
+        Called with each volume id; True leaves that series out (already exported).
+    notes : sequence of str
+        Remarks recorded in every sidecar.
+
+    Returns
+    -------
+    inputs : list of VolumeInput
+        The prepared series not skipped.
+    skipped : list of str
+        Volume ids left out by ``skip``.
+
+    Raises
+    ------
+    OctpipeError
+        One line naming the file: unreadable, or preprocessing failed (e.g. ``no retina found``).
+    """
+    from octpipe.preprocess.prepare import PreprocessConfig
+    from octpipe.privacy import pseudonymous_id
+
+    p = Path(path)
+    config = config or PreprocessConfig()
+    volumes, sha = _read_source(p, format=format, spacing=spacing)
+    out: list[VolumeInput] = []
+    skipped: list[str] = []
+    for series, vol in enumerate(volumes):
+        if skip is not None and skip(pseudonymous_id(sha, series)):
+            skipped.append(pseudonymous_id(sha, series))
+            continue
+        out.append(_prepared_input(vol, config, path=p, sha=sha, series=series, notes=notes))
+    return out, skipped
+
+
+def file_volume_input(path: str | Path, *, series: int = 0, config: PreprocessConfig | None = None,
+                      spacing: Spacing | None = None) -> VolumeInput:
+    """Read and prepare one series of an OCT file exactly as ``octpipe ingest`` does with ``config``.
+
+    Parameters
+    ----------
+    path : str or Path
+        An OCT file or a B-scan folder.
+    series : int
+        Which series of a multi-series file.
+    config : PreprocessConfig, optional
+        Default: the paper's preprocessing.
+    spacing : tuple of 3 (float or None), optional
+        The user's spacing (``--spacing-mm``).
+
+    Raises
+    ------
+    OctpipeError
+        Unreadable file, no such series, or preprocessing failed.
+    """
+    from octpipe.preprocess.prepare import PreprocessConfig
+
+    p = Path(path)
+    volumes, sha = _read_source(p, spacing=spacing)
+    if not 0 <= series < len(volumes):
+        raise OctpipeError(f"no series {series}: the file holds {len(volumes)}", p)
+    return _prepared_input(volumes[series], config or PreprocessConfig(), path=p, sha=sha, series=series)
 
 
 def store_volume_input(store: str | Path, volume_id: str) -> VolumeInput:
@@ -287,38 +482,314 @@ def _is_done(out_dir: Path, volume_id: str) -> bool:
     return (out_dir / volume_id / SUMMARY_NAME).is_file()
 
 
+def _prepare_out(out: Path) -> bool:
+    """Create the output folder (True when it did not exist); a file in its place is an error."""
+    if out.exists() and not out.is_dir():
+        raise OctpipeError("is a file, not an output folder", out)
+    existed = out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OctpipeError(f"cannot create the output folder: {exc.strerror or exc}", out) from None
+    return not existed
+
+
+def _remove_if_empty(out: Path) -> None:
+    """Remove an output folder this run created when it holds nothing but the lock."""
+    try:
+        if out.is_dir() and all(p.name == ".lock" for p in out.iterdir()):
+            shutil.rmtree(out, ignore_errors=True)
+    except OSError:
+        pass
+
+
+def _model_notes(model: FAnoGANModel) -> list[str]:
+    from octpipe.models.fanogan.checkpoint import DEFAULT_PREPROCESS_SOURCE
+
+    if model.preprocess_source == DEFAULT_PREPROCESS_SOURCE:
+        return ["the model bundle records no preprocessing: the default PreprocessConfig was applied"]
+    return []
+
+
+def _flatten_notes(vol: VolumeInput, model: FAnoGANModel) -> list[str]:
+    """A remark when the flattened area's rows differ from the training data's (another axial spacing)."""
+    want = (model.preprocess or {}).get("flatten")
+    have = vol.attrs.get("flatten") or {}
+    if not want or not have or (want.get("height"), want.get("bm_row")) == (have.get("height"), have.get("bm_row")):
+        return []
+    return [f"flattened area {have.get('height')} rows (BM at {have.get('bm_row')}) vs the training data's "
+            f"{want.get('height')} (BM at {want.get('bm_row')}): the axial spacing differs from the training data"]
+
+
+def _with_notes(vol: VolumeInput, notes: list[str]) -> VolumeInput:
+    if not notes:
+        return vol
+    attrs = dict(vol.attrs)
+    attrs["preprocessing_notes"] = [*attrs.get("preprocessing_notes", []), *notes]
+    return VolumeInput(vol.volume_id, vol.image, vol.layers, vol.flat, vol.flatmap, vol.mask, attrs)
+
+
+def _export_one(vol: VolumeInput, model: FAnoGANModel, out: Path, settings: MapSettings, path: Path,
+                source_root: str | Path | None = None) -> dict[str, Any]:
+    """:func:`export_volume`, its failures as one-line errors naming the source."""
+    try:
+        return export_volume(_with_notes(vol, _flatten_notes(vol, model)), model, out, settings=settings,
+                             source_root=source_root)
+    except OctpipeError as exc:
+        raise exc if exc.path is not None else OctpipeError(exc.reason, path) from exc
+    except (ValueError, OSError, RuntimeError, ArithmeticError, IndexError) as exc:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise OctpipeError(f"export failed: {type(exc).__name__}: {text}", path) from exc
+
+
 def export_file(path: str | Path, model_dir: str | Path, out_dir: str | Path, *,
-                settings: MapSettings | None = None, overwrite: bool = False) -> ExportResult:
-    """Export one OCT file (read, prepared as in training, mapped and written)."""
+                settings: MapSettings | None = None, overwrite: bool = False, spacing: Spacing | None = None,
+                format: str | None = None, model: FAnoGANModel | None = None) -> ExportResult:
+    """Export one OCT file, every series of it (read, prepared with the model's preprocessing, mapped, written).
+
+    Parameters
+    ----------
+    path : str or Path
+        An OCT file, or a folder of B-scan images read as one volume.
+    model_dir : str or Path
+        A trained run or bundled model folder.
+    out_dir : str or Path
+        Output folder (one sub-folder per series, and the index).
+    settings : MapSettings, optional
+        Windows, weighting, precision.
+    overwrite : bool
+        Redo series already exported.
+    spacing : tuple of 3 (float or None), optional
+        The user's spacing Z,Y,X in mm (``--spacing-mm``).
+    format : str, optional
+        Skip format detection.
+    model : FAnoGANModel, optional
+        The loaded model (else loaded from ``model_dir``).
+
+    Returns
+    -------
+    ExportResult
+
+    Raises
+    ------
+    OctpipeError
+        One line naming the file and the reason; nothing is left that looks exported.
+    """
     t0 = time.perf_counter()
+    settings = settings or MapSettings()
     out = Path(out_dir)
+    p = Path(path)
+    model = model or load_run(model_dir)
+    vols, skipped = file_volume_inputs(p, config=model.preprocess_config(), spacing=spacing, format=format,
+                                       skip=None if overwrite else (lambda vid: _is_done(out, vid)),
+                                       notes=_model_notes(model))
+    if not vols:
+        return ExportResult(out, [], skipped, {}, time.perf_counter() - t0)
+    created = _prepare_out(out)
+    done: list[str] = []
+    try:
+        with _out_lock(out):
+            for vol in vols:
+                _export_one(vol, model, out, settings, p)
+                done.append(vol.volume_id)
+            _update_failed(out, {}, done)
+            write_index(out)
+    except BaseException:
+        if created:
+            _remove_if_empty(out)
+        raise
+    return ExportResult(out, done, skipped, {}, time.perf_counter() - t0, names=dict.fromkeys(done, p.name))
+
+
+def _folder_inputs(folder: Path, images: str) -> tuple[list[Any], list[dict[str, object]]]:
+    """The OCT inputs directly in ``folder``, as ``octpipe info`` / ``ingest`` take them.
+
+    One call to :func:`octpipe.pipeline.discover_inputs` (which asks
+    ``classify_image_folder`` whether the images are one volume or independent B-scans).
+    """
+    from octpipe.pipeline import discover_inputs
+
+    return discover_inputs([folder], images=images, recursive=False)
+
+
+def export_path(source: str | Path, model_dir: str | Path, out_dir: str | Path, *,
+                settings: MapSettings | None = None, overwrite: bool = False, spacing: Spacing | None = None,
+                images: str = "auto", progress: Callable[[str, str], None] | None = None) -> ExportResult:
+    """Export a file, or a folder of B-scan images (one volume, or one export per image).
+
+    Parameters
+    ----------
+    source : str or Path
+        An OCT file or a folder (not a store: see :func:`export_store`).
+    model_dir, out_dir, settings, overwrite, spacing
+        As :func:`export_file`.
+    images : {"auto", "volume", "bscans"}
+        How a folder's images are taken (as ``octpipe info --images``).
+    progress : callable, optional
+        Called with ``(name, status)`` after each input of a folder of independent B-scans.
+
+    Returns
+    -------
+    ExportResult
+        For a folder of independent B-scans, ``failed`` lists the images that failed (also in the
+        index, status ``failed``); the others are exported.
+
+    Raises
+    ------
+    OctpipeError
+        A file or single-volume folder that cannot be exported, or a folder without B-scans.
+    """
+    src = Path(source)
+    if not src.exists():
+        raise OctpipeError("no such file or folder", src)
+    if not src.is_dir():
+        return export_file(src, model_dir, out_dir, settings=settings, overwrite=overwrite, spacing=spacing)
+    inputs, rows = _folder_inputs(src, images)
+    failed_rows = [r for r in rows if r.get("status") == "failed"]
+    if not inputs:
+        if failed_rows:
+            raise OctpipeError(str(failed_rows[0].get("error")), src)
+        try:
+            nested = any(p.is_dir() for p in src.iterdir())
+        except OSError as exc:
+            raise OctpipeError(f"cannot read the folder: {exc.strerror or exc}", src) from None
+        sub = " (it has sub-folders: export each, or ingest the tree into a store)" if nested else ""
+        raise OctpipeError(f"no OCT file or B-scan image in the folder{sub}", src)
+    if len(inputs) == 1 and not failed_rows:
+        item = inputs[0]
+        return export_file(item.path, model_dir, out_dir, settings=settings, overwrite=overwrite, spacing=spacing,
+                           format=item.format)
+    return _export_inputs(src, inputs, rows, model_dir, Path(out_dir), settings or MapSettings(), overwrite,
+                          spacing, progress)
+
+
+def _input_id(path: Path) -> str:
+    """The volume id a failed input is listed under (series 0 of its content hash)."""
+    from octpipe.io._common import file_sha256
+    from octpipe.privacy import pseudonymous_id
+
+    try:
+        sha = file_sha256(path) if path.is_file() else _folder_digest(path)
+    except OSError:
+        sha = _folder_digest(path.parent) + path.name
+    return pseudonymous_id(sha, 0)
+
+
+def _export_inputs(folder: Path, inputs: list[Any], rows: list[dict[str, object]], model_dir: str | Path,
+                   out: Path, settings: MapSettings, overwrite: bool, spacing: Spacing | None,
+                   progress: Callable[[str, str], None] | None) -> ExportResult:
+    """Every input of a folder of independent B-scans: failures recorded, the rest goes on."""
+    t0 = time.perf_counter()
     model = load_run(model_dir)
-    vol = file_volume_input(path)
-    if _is_done(out, vol.volume_id) and not overwrite:
-        return ExportResult(out, [], [vol.volume_id], {}, time.perf_counter() - t0)
-    out.mkdir(parents=True, exist_ok=True)
+    config = model.preprocess_config()
+    notes = _model_notes(model)
+    done: list[str] = []
+    skipped: list[str] = []
+    failed: dict[str, str] = {}
+    names: dict[str, str] = {}
+    ignored = [r for r in rows if r.get("status") == "skipped"]
+    report = [f"ignored {len(ignored)} file(s) that are not B-scans (e.g. {ignored[0].get('error')})"
+              ] if ignored else []
+    for row in rows:
+        if row.get("status") == "failed":
+            vid = _input_id(folder / Path(str(row.get("path", ""))).name)
+            failed[vid] = str(row.get("error"))
+            names[vid] = Path(str(row.get("path", ""))).name
+    _prepare_out(out)
     with _out_lock(out):
-        export_volume(vol, model, out, settings=settings)
+        for item in inputs:
+            p = Path(item.path)
+            try:
+                vols, skip = file_volume_inputs(p, config=config, spacing=spacing, format=item.format, notes=notes,
+                                                skip=None if overwrite else (lambda vid: _is_done(out, vid)))
+                skipped.extend(skip)
+                names.update(dict.fromkeys(skip, p.name))
+                for vol in vols:
+                    names[vol.volume_id] = p.name
+                    _export_one(vol, model, out, settings, p)
+                    done.append(vol.volume_id)
+                    failed.pop(vol.volume_id, None)
+                status = "done"
+            except OctpipeError as exc:
+                vid = _input_id(p)
+                names[vid] = p.name
+                failed[vid] = exc.reason
+                status = "failed"
+            if progress:
+                progress(p.name, status)
+        _update_failed(out, failed, done, source=folder)
         write_index(out)
-    return ExportResult(out, [vol.volume_id], [], {}, time.perf_counter() - t0)
+    return ExportResult(out, done, skipped, failed, time.perf_counter() - t0, notes=notes + report, names=names)
+
+
+def check_store_preprocessing(store: str | Path, volume_ids: Sequence[str], model: FAnoGANModel, *,
+                              allow_mismatch: bool = False) -> dict[str, list[str]]:
+    """Refuse a store whose volumes were prepared otherwise than the model's training data.
+
+    Parameters
+    ----------
+    store : str or Path
+        The store.
+    volume_ids : sequence of str
+        The volumes to export.
+    model : FAnoGANModel
+        The model (its :attr:`~FAnoGANModel.preprocess` record; defaults when it has none).
+    allow_mismatch : bool
+        Go on anyway: the differences are returned (and recorded in the sidecars).
+
+    Returns
+    -------
+    dict of str to list of str
+        Volume id to its differences (``"name STORE vs MODEL"``), only for volumes that differ.
+
+    Raises
+    ------
+    OctpipeError
+        ``store preprocessing differs from the model's: ...`` when a volume differs and
+        ``allow_mismatch`` is false.
+    """
+    from octpipe.store import read_volume_attrs
+
+    want = model.preprocess_config().to_dict()
+    out: dict[str, list[str]] = {}
+    for vid in volume_ids:
+        attrs = read_volume_attrs(store, vid)
+        have = attrs.get("preprocess")
+        diff = (["preprocess: the volume records no preprocessing settings"] if have is None
+                else preprocessing_differences(have, want))
+        if diff:
+            out[vid] = diff
+    if out and not allow_mismatch:
+        first = next(iter(out.values()))
+        n = f" ({len(out)} of {len(volume_ids)} volumes)" if len(volume_ids) > 1 else ""
+        assumed = " (the model records none; defaults assumed)" if _model_notes(model) else ""
+        raise OctpipeError(f"store preprocessing differs from the model's{assumed}{n}: {'; '.join(first)}; "
+                           f"re-ingest with the model's settings or pass --allow-preprocessing-mismatch", store)
+    return out
+
+
+def _store_volume(store: str | Path, volume_id: str, model: FAnoGANModel, notes: Sequence[str]) -> VolumeInput:
+    vol = store_volume_input(store, volume_id)
+    return _with_notes(vol, [*notes, *_flatten_notes(vol, model)])
 
 
 def _export_task(store: str, volume_id: str, model_dir: str, out_dir: str, settings: dict[str, Any],
-                 source_root: str | None) -> dict[str, Any]:
+                 source_root: str | None, notes: list[str] | None = None) -> dict[str, Any]:
     """One volume of a store (a Dask task: loads the model in the worker)."""
     import torch
 
     torch.set_num_threads(1)
     model = load_run(model_dir)
-    return export_volume(store_volume_input(store, volume_id), model, out_dir, settings=MapSettings(**settings),
-                         source_root=source_root)
+    return export_volume(_store_volume(store, volume_id, model, notes or []), model, out_dir,
+                         settings=MapSettings(**settings), source_root=source_root)
 
 
 def export_store(store: str | Path, model_dir: str | Path, out_dir: str | Path, *,
                  volume_ids: Sequence[str] | None = None, settings: MapSettings | None = None,
                  workers: int | None = 0, scheduler: str | None = None, overwrite: bool = False,
                  source_root: str | Path | None = None,
-                 progress: Callable[[str, str], None] | None = None) -> ExportResult:
+                 progress: Callable[[str, str], None] | None = None,
+                 allow_preprocessing_mismatch: bool = False) -> ExportResult:
     """Export every (or the chosen) complete volume of a store; resumable; writes the index.
 
     Parameters
@@ -344,10 +815,20 @@ def export_store(store: str | Path, model_dir: str | Path, out_dir: str | Path, 
         the store is relative to it) so that the DICOM outputs can reference them.
     progress : callable, optional
         Called with ``(volume_id, status)`` after each volume (``done``, ``skipped``, ``failed``).
+    allow_preprocessing_mismatch : bool
+        Export volumes prepared otherwise than the model's training data (the differences are
+        recorded in their sidecars) instead of refusing (:func:`check_store_preprocessing`).
 
     Returns
     -------
     ExportResult
+        A volume that fails is in ``failed`` (and in the index, status ``failed``); the rest goes on.
+
+    Raises
+    ------
+    OctpipeError
+        No such volumes, an unreadable model, or (without ``allow_preprocessing_mismatch``) the
+        store's preprocessing differs from the model's.
     """
     from octpipe.store import volume_ids as store_volume_ids
 
@@ -361,11 +842,18 @@ def export_store(store: str | Path, model_dir: str | Path, out_dir: str | Path, 
     unknown = sorted(set(chosen) - set(known))
     if unknown:
         raise OctpipeError(f"no complete volume {', '.join(unknown)} in the store", store)
-    load_run(model_dir)  # fail early on a missing or unreadable model
-    out.mkdir(parents=True, exist_ok=True)
+    model = load_run(model_dir)  # fail early on a missing or unreadable model
+    mismatch = check_store_preprocessing(store, chosen, model, allow_mismatch=allow_preprocessing_mismatch)
+    notes = {vid: [f"preprocessing differs from the model's (allowed): {'; '.join(d)}"] for vid, d in mismatch.items()}
+    _prepare_out(out)
     with _out_lock(out):
-        return _export_store_locked(store, model_dir, out, chosen, settings, workers, scheduler, overwrite,
-                                    source_root, progress, t0)
+        result = _export_store_locked(store, model_dir, out, chosen, settings, workers, scheduler, overwrite,
+                                      source_root, progress, t0, model, notes, bool(volume_ids))
+    if mismatch:
+        result.notes.append(f"{len(mismatch)} volume(s) were preprocessed differently from the model's training "
+                            f"data (allowed): {'; '.join(next(iter(mismatch.values())))}")
+    result.notes.extend(_model_notes(model))
+    return result
 
 
 @contextmanager
@@ -385,7 +873,8 @@ def _out_lock(out: Path) -> Iterator[None]:
 
 
 def _export_store_locked(store, model_dir, out: Path, chosen: list[str], settings: MapSettings, workers, scheduler,
-                         overwrite: bool, source_root, progress, t0: float) -> ExportResult:
+                         overwrite: bool, source_root, progress, t0: float, model: FAnoGANModel,
+                         notes: dict[str, list[str]], partial: bool) -> ExportResult:
     todo = [v for v in chosen if overwrite or not _is_done(out, v)]
     skipped = [v for v in chosen if v not in todo]
     for v in skipped:
@@ -400,26 +889,75 @@ def _export_store_locked(store, model_dir, out: Path, chosen: list[str], setting
         if exc is None:
             done.append(vid)
         else:
-            failed[vid] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            failed[vid] = _reason(exc)
         if progress:
             progress(vid, "failed" if exc else "done")
 
     if todo and workers == 0 and scheduler is None:
-        model = load_run(model_dir)
         for vid in todo:
             try:
-                export_volume(store_volume_input(store, vid), model, out, settings=settings, source_root=root)
+                export_volume(_store_volume(store, vid, model, notes.get(vid, [])), model, out, settings=settings,
+                              source_root=root)
                 finish(vid, None)
-            except (OctpipeError, ValueError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - a failed volume is recorded, the batch goes on
                 finish(vid, exc)
     elif todo:
-        _export_on_dask(todo, args, workers, scheduler, finish)
+        _export_on_dask(todo, args, workers, scheduler, finish, notes)
+    _update_failed(out, failed, done, source=store, considered=chosen if partial else None)
     write_index(out)
     return ExportResult(out, done, skipped, failed, time.perf_counter() - t0)
 
 
+def _reason(exc: BaseException) -> str:
+    """One line for the index: an OctpipeError's message, else the exception's type and message."""
+    if isinstance(exc, OctpipeError):  # the reason without the file name (file names can carry patient names)
+        return " ".join(exc.reason.split()) or type(exc).__name__
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _source_key(source: str | Path) -> str:
+    """A pseudonymous key of an export's source (a folder or store), so a rerun can replace its failures."""
+    from octpipe.privacy import pseudonymous_id
+
+    return pseudonymous_id("export-source", str(Path(source).resolve()))
+
+
+def _load_failed(out: Path) -> dict[str, dict[str, str]]:
+    path = out / FAILED_NAME
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): (dict(v) if isinstance(v, dict) else {"reason": str(v)}) for k, v in data.items()}
+
+
+def _update_failed(out: Path, failed: dict[str, str], done: Sequence[str], *, source: str | Path | None = None,
+                   considered: Sequence[str] | None = None) -> None:
+    """Record this run's failures in ``failed.json``.
+
+    Volumes exported since are dropped; so are the earlier failures of ``source`` (all of
+    them, or only those in ``considered``): a rerun over a folder or store replaces its list.
+    """
+    key = None if source is None else _source_key(source)
+    within = None if considered is None else set(considered)
+    known = {vid: entry for vid, entry in _load_failed(out).items()
+             if not (key is not None and entry.get("source") == key and (within is None or vid in within))}
+    known.update({vid: {"reason": reason, **({"source": key} if key else {})} for vid, reason in failed.items()})
+    known = {k: v for k, v in sorted(known.items()) if k not in done and not _is_done(out, k)}
+    path = out / FAILED_NAME
+    if known:
+        _write_json(path, known)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _export_on_dask(todo: list[str], args: tuple, workers: int | None, scheduler: str | None,
-                    finish: Callable[[str, BaseException | None], None]) -> None:
+                    finish: Callable[[str, BaseException | None], None], notes: dict[str, list[str]]) -> None:
     from dask.distributed import Client, as_completed
 
     from octpipe.pipeline import local_cluster
@@ -430,8 +968,8 @@ def _export_on_dask(todo: list[str], args: tuple, workers: int | None, scheduler
     client = Client(scheduler or cluster)
     try:
         store, model_dir, out, settings, root = args
-        futures = {client.submit(_export_task, store, vid, model_dir, out, settings, root, key=f"export-{vid}",
-                                 pure=False): vid for vid in todo}
+        futures = {client.submit(_export_task, store, vid, model_dir, out, settings, root, notes.get(vid, []),
+                                 key=f"export-{vid}", pure=False): vid for vid in todo}
         for fut in as_completed(futures):
             vid = futures[fut]
             try:
@@ -455,16 +993,24 @@ def write_index(out_dir: str | Path) -> tuple[Path, Path]:
         s = json.loads(summary_path.read_text(encoding="utf-8"))
         rows.append(s)
     rows.sort(key=lambda s: -float(s["volume_score"]))
+    failed = _read_failed(out)
     header = ["rank", "volume_id", "volume_score", "volume_percentile", "anomalous_window_fraction",
-              "anomalous_voxel_fraction", "laterality", "label", "qc_flags", "report"]
+              "anomalous_voxel_fraction", "laterality", "label", "qc_flags", "report", "status", "reason"]
     csv_rows = [[i + 1, s["volume_id"], f"{s['volume_score']:.6g}", _fmt(s.get("volume_percentile")),
                  _fmt(s.get("anomalous_window_fraction")), _fmt(s.get("anomalous_voxel_fraction")),
                  s.get("laterality") or "", "" if s.get("label") is None else s["label"],
-                 ";".join(s.get("qc_flags", [])), f"{s['volume_id']}/report.html"] for i, s in enumerate(rows)]
+                 ";".join(s.get("qc_flags", [])), f"{s['volume_id']}/report.html", "ok", ""]
+                for i, s in enumerate(rows)]
+    csv_rows += [["", vid, "", "", "", "", "", "", "", "", "failed", reason] for vid, reason in failed.items()]
     csv_path = out / "index.csv"
     _write_csv(csv_path, header, csv_rows)
-    html_path = write_index_html(out / "index.html", rows)
+    html_path = write_index_html(out / "index.html", rows, failed=failed)
     return csv_path, html_path
+
+
+def _read_failed(out: Path) -> dict[str, str]:
+    """Volume id to reason, from ``failed.json``, less the volumes exported since."""
+    return {vid: str(entry.get("reason", "")) for vid, entry in _load_failed(out).items() if not _is_done(out, vid)}
 
 
 def _fmt(v: Any) -> str:

@@ -41,7 +41,11 @@ def store(tmp_path_factory) -> Path:
     return store
 
 
-@pytest.mark.parametrize("command", [["info"], ["layers", "-o", "OUT/l.npz"]])
+BUNDLED = str(Path(__file__).resolve().parents[2] / "models" / "fanogan-phantom")
+
+
+@pytest.mark.parametrize("command", [["info"], ["layers", "-o", "OUT/l.npz"], ["export", "--model", BUNDLED, "-o",
+                                                                                  "OUT/e"]])
 def test_missing_file(capsys, tmp_path, command):
     argv = [a.replace("OUT", str(tmp_path)) for a in command]
     code, _, err = _run(capsys, *argv[:1], str(tmp_path / "missing.vol"), *argv[1:])
@@ -49,7 +53,8 @@ def test_missing_file(capsys, tmp_path, command):
     _one_error_line(err, "missing.vol", "no such file")
 
 
-@pytest.mark.parametrize("command", [["info"], ["layers", "-o", "OUT/l.npz"]])
+@pytest.mark.parametrize("command", [["info"], ["layers", "-o", "OUT/l.npz"], ["export", "--model", BUNDLED, "-o",
+                                                                                  "OUT/e"]])
 def test_wrong_file_type(capsys, tmp_path, command):
     bad = tmp_path / "notes.vol"
     bad.write_text("just some text, not an OCT file\n" * 10)
@@ -57,7 +62,26 @@ def test_wrong_file_type(capsys, tmp_path, command):
     code, _, err = _run(capsys, *argv[:1], str(bad), *argv[1:])
     assert code == 1
     _one_error_line(err, "error: notes.vol: not a supported OCT format")
-    assert not (tmp_path / "l.npz").exists()
+    assert not (tmp_path / "l.npz").exists() and not (tmp_path / "e").exists()
+
+
+def test_export_odd_inputs_are_one_line(capsys, tmp_path, store):
+    """A folder where a file is expected, a file where a store or model is expected, an empty folder."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "x.txt").write_text("a file")
+    out = str(tmp_path / "out")
+    cases = [
+        (["export", str(tmp_path / "empty"), "--model", BUNDLED, "-o", out], "empty: no OCT file or B-scan image"),
+        (["export", str(store), "--model", str(tmp_path / "x.txt"), "-o", out], "x.txt: not a model folder"),
+        (["export", str(store), "--model", str(tmp_path / "empty"), "-o", out], "empty: no trained model in the run"),
+        (["export", str(store), "--model", BUNDLED, "-o", str(tmp_path / "x.txt")], "x.txt: is a file, not an output"),
+        (["export", str(store), "--model", BUNDLED, "-o", out, "--volume", "nope"], "no complete volume nope"),
+    ]
+    for argv, needle in cases:
+        code, _, err = _run(capsys, *argv)
+        assert code == 1, (argv, err)
+        _one_error_line(err, needle)
+    assert not (tmp_path / "out").exists()
 
 
 def test_truncated_vol_is_one_line(capsys, tmp_path, store):
@@ -136,12 +160,18 @@ def test_bad_option_values_are_usage_errors(capsys, tmp_path, store):
         (["score", str(store), "--model", str(tmp_path), "-o", str(tmp_path / "s.csv"), "--device", "tpu"],
          "--device"),
         (["layers", str(tmp_path / "a.vol"), "-o", str(tmp_path / "l.npz"), "--series", "-1"], "--series"),
+        (["export", str(store), "--model", BUNDLED, "-o", str(tmp_path / "e"), "--spacing-mm", "0.1,,"],
+         "--spacing-mm"),
+        (["export", str(store), "--model", BUNDLED, "-o", str(tmp_path / "e"), "--stride", "0"], "--stride"),
+        (["export", str(tmp_path), "--model", BUNDLED, "-o", str(tmp_path / "e"), "--spacing-mm", "1,2"],
+         "--spacing-mm"),
+        (["export", str(tmp_path), "--model", BUNDLED, "-o", str(tmp_path / "e"), "--images", "some"], "--images"),
     ]
     for argv, option in cases:
         code, _, err = _run(capsys, *argv)
         assert code == 2, (argv, err)
         assert option in err
-    assert not (tmp_path / "s.zarr").exists()
+    assert not (tmp_path / "s.zarr").exists() and not (tmp_path / "e").exists()
 
 
 @pytest.mark.slow
@@ -162,3 +192,28 @@ def test_score_with_a_model_that_does_not_fit_the_store(capsys, tmp_path):
     assert code == 1
     _one_error_line(err, "patches are (64, 64) pixels but the model expects")
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_evaluate_on_an_image_is_one_line(tmp_path, capsys):
+    """A binary file given as scores CSV: one line naming it, no traceback."""
+    from octpipe.cli import main
+
+    img = tmp_path / "scan.png"
+    img.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    assert main(["evaluate", str(img), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "scan.png: not a scores CSV" in err
+
+
+def test_unexpected_exception_is_one_line(monkeypatch, capsys):
+    """The floor: an exception no command foresaw prints one line and exits 1."""
+    import octpipe.cli.info as info_mod
+    from octpipe.cli import main
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("kaput\nsecond line")
+
+    monkeypatch.setattr(info_mod, "describe", boom)
+    assert main(["info", __file__]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: unexpected RuntimeError: kaput (an octpipe bug: run with -v for the traceback)"]

@@ -369,3 +369,17 @@ def test_fovea_falls_back_to_the_scan_centre_when_no_pit_is_found():
     bm = 100.0 + 0.5 * xx  # thinnest at the left edge, no pit near the centre
     centre = find_fovea(ilm, bm, (0.12, 0.004, 0.012))
     assert centre.method == "scan_centre" and (centre.bscan, centre.ascan) == (10.0, 100.0)
+
+
+def test_training_records_the_store_preprocessing_in_the_bundle(trained):
+    from octpipe.models.fanogan.checkpoint import load_run
+    from octpipe.preprocess.prepare import PreprocessConfig
+    from octpipe.store import read_volume_attrs, volume_ids
+
+    store, run = trained
+    bundle = torch.load(run / "model.pt", weights_only=True)
+    attrs = read_volume_attrs(store, volume_ids(store)[0])
+    assert bundle["preprocess"]["config"] == attrs["preprocess"]
+    assert bundle["preprocess"]["flatten"] == attrs["flatten"] and bundle["preprocess"]["source"] == "store"
+    model = load_run(run)
+    assert model.preprocess_source == "store" and model.preprocess_config() == PreprocessConfig()

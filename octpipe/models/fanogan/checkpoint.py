@@ -13,25 +13,37 @@ A training run writes one directory::
         encoder-<step>.pt
       samples/             G(z) grids during GAN training, latent interpolation at its end
       calibration.json     scores of held-out normal patches (sorted values and percentiles)
-      model.pt             inference bundle: G, D, E weights, config, calibration, version, hash
+      model.pt             inference bundle: G, D, E weights, config, calibration, version, hash and
+                           the preprocessing of the store it was trained on (``preprocess``)
       tensorboard/         only with ``runtime.tensorboard: true``
 
 Every ``.pt`` file is written atomically (temporary file in the same folder, ``fsync``,
 ``os.replace``), so a crash leaves either the previous file or the new one, never half a file.
 Checkpoints hold only tensors and plain Python values and are read with
 ``torch.load(weights_only=True)``.
+
+The preprocessing record (``bundle["preprocess"]``, :func:`store_preprocessing`) is what makes
+``octpipe export FILE`` feed the model the same input it was trained on::
+
+    {"config": PreprocessConfig.to_dict() (JSON form), "flatten": {"height": 128, "bm_row": 112},
+     "source": "store", "n_volumes": 21}
+
+``flatten`` holds the flattened-area rows of the training volumes (None when they differ, e.g.
+mixed axial spacings; then ``flatten_variants`` lists them). A bundle without the record (written
+before it existed) loads with a logged warning and the default :class:`PreprocessConfig`.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import random
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +52,9 @@ from octpipe import __version__
 from octpipe.errors import ConfigError, OctpipeError
 from octpipe.models.fanogan.config import FAnoGANConfig
 from octpipe.models.fanogan.networks import Discriminator, Encoder, Generator
+
+if TYPE_CHECKING:
+    from octpipe.preprocess.prepare import PreprocessConfig
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -55,7 +70,15 @@ __all__ = [
     "restore_rng_state",
     "check_resume_config",
     "load_run",
+    "store_preprocessing",
+    "preprocessing_differences",
+    "DEFAULT_PREPROCESS_SOURCE",
 ]
+
+logger = logging.getLogger(__name__)
+
+#: ``FAnoGANModel.preprocess_source`` of a model whose bundle records no preprocessing.
+DEFAULT_PREPROCESS_SOURCE = "default (the model bundle records no preprocessing)"
 
 #: Value of the ``format`` key of every checkpoint and bundle written here.
 CHECKPOINT_FORMAT = "octpipe-fanogan/1"
@@ -326,6 +349,9 @@ class FAnoGANModel:
         Contents of ``calibration.json`` (held-out normal scores), when present.
     run_dir : Path or None
         Where it was loaded from.
+    preprocess : dict or None
+        The preprocessing record of the data it was trained on (module docstring); None when
+        unknown (then :meth:`preprocess_config` gives the defaults).
     """
 
     generator: Generator
@@ -334,6 +360,24 @@ class FAnoGANModel:
     config: FAnoGANConfig
     calibration: dict[str, Any] | None = None
     run_dir: Path | None = None
+    preprocess: dict[str, Any] | None = None
+
+    def preprocess_config(self) -> PreprocessConfig:
+        """The :class:`~octpipe.preprocess.prepare.PreprocessConfig` of the training data (defaults if unknown)."""
+        from octpipe.preprocess.prepare import PreprocessConfig
+
+        record = self.preprocess or {}
+        if record.get("config") is None:
+            return PreprocessConfig()
+        return PreprocessConfig.from_dict(_complete(record["config"]))
+
+    @property
+    def preprocess_source(self) -> str:
+        """Where :meth:`preprocess_config` comes from: ``"store"``, another recorded source, or the default."""
+        record = self.preprocess or {}
+        if record.get("config") is None:
+            return DEFAULT_PREPROCESS_SOURCE
+        return str(record.get("source", "recorded"))
 
     @property
     def kappa(self) -> float:
@@ -370,7 +414,166 @@ def save_model(model: FAnoGANModel, path: str | Path) -> Path:
               "generator": model.generator.state_dict(), "discriminator": model.discriminator.state_dict(),
               "encoder": None if model.encoder is None else model.encoder.state_dict(),
               "calibration": model.calibration, "counters": {}}
+    if model.preprocess is not None:
+        bundle["preprocess"] = _check_preprocess_record(model.preprocess, Path(path))
     return save_atomic(bundle, path)
+
+
+def _json_form(value: Any) -> Any:
+    """Tuples as lists, as after a JSON round trip (what the store's attributes hold)."""
+    return json.loads(json.dumps(value))
+
+
+#: Settings added to :class:`PreprocessConfig` after records were first written, with the value that
+#: describes what octpipe did before they existed (a record without them was made that way).
+_LEGACY_SETTINGS = {("flatten", "axial_spacing_um"): None}  # before: each volume's own axial sampling
+
+
+def _complete(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A recorded ``PreprocessConfig.to_dict()`` in JSON form, legacy settings filled in (see above)."""
+    if config is None:
+        return None
+    out = _json_form(config)
+    for (section, key), value in _LEGACY_SETTINGS.items():
+        if isinstance(out.get(section), dict) and key not in out[section]:
+            out[section][key] = value
+    return out
+
+
+def _check_preprocess_record(record: Any, where: Path) -> dict[str, Any]:
+    """A preprocessing record in JSON form; its ``config`` must build a PreprocessConfig."""
+    from octpipe.preprocess.prepare import PreprocessConfig
+
+    if not isinstance(record, dict):
+        raise OctpipeError(f"preprocess record must be a dict, got {type(record).__name__}", where)
+    record = _json_form(record)
+    if record.get("config") is not None:
+        try:
+            PreprocessConfig.from_dict(_complete(record["config"]))
+        except (TypeError, ValueError) as exc:
+            raise OctpipeError(f"invalid preprocess record: {exc}", where) from None
+    return record
+
+
+def _fmt_setting(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fmt_setting(v) for v in value) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def preprocessing_differences(ours: dict[str, Any] | None, theirs: dict[str, Any] | None) -> list[str]:
+    """The settings in which two ``PreprocessConfig.to_dict()`` forms differ, as ``"name OURS vs THEIRS"``.
+
+    Nested settings are named with a dot (``flatten.area_height_um``); None stands for the
+    defaults. A setting missing from a record written before it existed takes the value that
+    describes octpipe's behaviour then (``flatten.axial_spacing_um`` None: the volume's own
+    axial sampling), not today's default.
+
+    Examples
+    --------
+    >>> from octpipe.preprocess.prepare import PreprocessConfig
+    >>> robust = PreprocessConfig(normalize_percentiles=(0.5, 99.5)).to_dict()
+    >>> preprocessing_differences(robust, PreprocessConfig().to_dict())
+    ['normalize_percentiles [0.5, 99.5] vs None']
+    """
+    from octpipe.preprocess.prepare import PreprocessConfig
+
+    default = PreprocessConfig().to_dict()
+    a = _complete(default if ours is None else ours)
+    b = _complete(default if theirs is None else theirs)
+    out: list[str] = []
+
+    def walk(x: Any, y: Any, prefix: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for key in list(x) + [k for k in y if k not in x]:
+                walk(x.get(key), y.get(key), f"{prefix}{key}.")
+        elif x != y:
+            out.append(f"{prefix[:-1]} {_fmt_setting(x)} vs {_fmt_setting(y)}")
+
+    walk(a, b, "")
+    return out
+
+
+def _patch_split_volumes(store: Path, splits: tuple[str | None, ...]) -> list[str] | None:
+    """Volume ids of the given patch splits (their ``volumes`` attribute), or None when no split records them."""
+    vids: list[str] = []
+    found = False
+    for split in splits:
+        if not split:
+            continue
+        meta = store / "patches" / split / "zarr.json"
+        try:
+            attrs = json.loads(meta.read_text(encoding="utf-8")).get("attributes", {})
+        except (OSError, ValueError):
+            continue
+        if isinstance(attrs.get("volumes"), list):
+            found = True
+            vids.extend(v for v in attrs["volumes"] if v not in vids)
+    return vids if found else None
+
+
+def store_preprocessing(store: str | Path, splits: tuple[str | None, ...] = ("train",)) -> dict[str, Any]:
+    """The preprocessing record of the volumes a model trained on ``store`` sees (module docstring).
+
+    Parameters
+    ----------
+    store : str or Path
+        An ingested store with patch splits.
+    splits : tuple of str or None
+        The patch splits used (training and, when separate, validation/calibration); their
+        volumes are read. When no split lists its volumes, every complete volume is read.
+
+    Returns
+    -------
+    dict
+        ``config`` (``PreprocessConfig.to_dict()`` in JSON form, or None when the volumes
+        record none), ``flatten`` (``{"height", "bm_row"}`` or None when they differ, then
+        ``flatten_variants``), ``source`` (``"store"``) and ``n_volumes``.
+
+    Raises
+    ------
+    ConfigError
+        The volumes were preprocessed differently (a model must see one preprocessing),
+        naming the differing settings.
+    """
+    from octpipe.store import read_volume_attrs, volume_ids
+
+    store = Path(store)
+    vids = _patch_split_volumes(store, splits)
+    if vids is None:
+        vids = volume_ids(store)
+    configs: dict[str, list[str]] = {}
+    rows: dict[tuple[int, int], int] = {}
+    for vid in vids:
+        attrs = read_volume_attrs(store, vid)
+        pre = _complete(attrs.get("preprocess"))
+        configs.setdefault(json.dumps(pre, sort_keys=True), []).append(vid)
+        flat = attrs.get("flatten") or {}
+        if "height" in flat and "bm_row" in flat:
+            key = (int(flat["height"]), int(flat["bm_row"]))
+            rows[key] = rows.get(key, 0) + 1
+    if len(configs) > 1:
+        groups = sorted(configs.items(), key=lambda kv: -len(kv[1]))
+        (first, n_first), (second, n_second) = ((json.loads(k), len(v)) for k, v in groups[:2])
+        if first is None or second is None:
+            what = f"{n_first if first is None else n_second} record no preprocessing"
+        else:
+            what = "; ".join(preprocessing_differences(second, first))
+        raise ConfigError(f"the store's volumes were preprocessed differently ({len(groups)} settings among "
+                          f"{len(vids)} volumes: {what}); a model must be trained on one preprocessing, so "
+                          f"re-ingest them with the same settings", store)
+    config = json.loads(next(iter(configs))) if configs else None
+    record: dict[str, Any] = {"config": config, "flatten": None, "source": "store", "n_volumes": len(vids)}
+    if len(rows) == 1:
+        (height, bm_row), = rows
+        record["flatten"] = {"height": height, "bm_row": bm_row}
+    elif rows:
+        record["flatten_variants"] = [{"height": h, "bm_row": b, "n_volumes": n} for (h, b), n in sorted(rows.items())]
+    if config is None:
+        record["note"] = "the store's volumes record no preprocessing"
+    return record
 
 
 def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> FAnoGANModel:
@@ -383,7 +586,7 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> FAno
     ----------
     run_dir : str or Path
         A run directory written by :func:`octpipe.models.fanogan.train.train_gan` /
-        ``train_encoder`` (``octpipe train``).
+        ``train_encoder`` (``octpipe train``), a bundled model folder, or a ``.pt`` bundle.
     device : str or torch.device, default 'cpu'
         Where to put the networks.
 
@@ -397,8 +600,15 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> FAno
     OctpipeError
         If the directory holds no readable checkpoint.
     """
-    paths = RunPaths(Path(run_dir))
-    for candidate in (paths.bundle, paths.checkpoint("encoder"), paths.checkpoint("gan")):
+    given = Path(run_dir)
+    if not given.exists():
+        raise OctpipeError("no such model folder", given)
+    if given.is_file() and given.suffix != ".pt":
+        raise OctpipeError("not a model folder (give a run directory of octpipe train, a bundled model folder "
+                           "or its model.pt)", given)
+    paths = RunPaths(given.parent if given.is_file() else given)
+    for candidate in ((given,) if given.is_file() else (paths.bundle, paths.checkpoint("encoder"),
+                                                       paths.checkpoint("gan"))):
         if candidate.is_file():
             ckpt = load_checkpoint(candidate)
             break
@@ -416,8 +626,14 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> FAno
     calibration = ckpt.get("calibration")
     if calibration is None and paths.calibration.is_file():
         calibration = json.loads(paths.calibration.read_text(encoding="utf-8"))
+    preprocess = ckpt.get("preprocess")
+    if preprocess is not None:
+        preprocess = _check_preprocess_record(preprocess, candidate)
+    if preprocess is None or preprocess.get("config") is None:
+        logger.warning("%s: %s records no preprocessing of its training data; assuming the default "
+                       "PreprocessConfig", paths.root.name, candidate.name)
     model = FAnoGANModel(generator=g, discriminator=d, encoder=e, config=config, calibration=calibration,
-                         run_dir=paths.root)
+                         run_dir=paths.root, preprocess=preprocess)
     for net in (g, d, e):
         if net is not None:
             net.requires_grad_(False)

@@ -66,6 +66,7 @@ from octpipe.models.fanogan.checkpoint import (
     provenance,
     restore_rng_state,
     save_atomic,
+    store_preprocessing,
     write_text_atomic,
 )
 from octpipe.models.fanogan.config import FAnoGANConfig, save_config
@@ -567,6 +568,7 @@ def _stage_inputs(store: str | Path, run_dir: str | Path, config: FAnoGANConfig 
     if config.model.channels != 1:
         raise ConfigError(f"patch stores hold single-channel patches; model.channels must be 1, got "
                           f"{config.model.channels}")
+    store_preprocessing(store, (config.data.split, config.data.val_split))  # refuses mixed preprocessing
     if config.runtime.tensorboard:
         try:
             import torch.utils.tensorboard  # noqa: F401
@@ -1141,7 +1143,9 @@ class _EncoderTrainer:
                 calibration_path, cal = self._calibrate()
                 bundle = {**_checkpoint_base("bundle", self.config, self.rt), "generator": self.g.state_dict(),
                           "discriminator": self.d.state_dict(), "encoder": self.e.state_dict(),
-                          "calibration": cal, "counters": {"step": self.step, **self.gan_steps}}
+                          "calibration": cal, "counters": {"step": self.step, **self.gan_steps},
+                          "preprocess": store_preprocessing(self.store, (self.config.data.split,
+                                                                         self.config.data.val_split))}
                 save_atomic(bundle, self.paths.bundle)
             status = "complete"
         except TrainingDiverged:
