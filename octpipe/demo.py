@@ -237,6 +237,8 @@ def _export_stage(out: Path, phantom_dir: Path, store: Path, manifest: Path, ent
     ranked = []
     with open(export_dir / "index.csv") as fh:
         for row in csv.DictReader(fh):
+            if row.get("status", "ok") != "ok" or row["volume_id"] not in chosen:
+                continue  # a failed volume is listed in res.failed
             kind, name, fmt = chosen[row["volume_id"]]
             ranked.append({"volume_id": row["volume_id"], "phantom": name, "format": fmt, "truth": kind,
                            "volume_score": float(row["volume_score"]), "percentile": row["volume_percentile"],

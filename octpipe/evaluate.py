@@ -284,6 +284,8 @@ def read_scores_csv(path: str | Path) -> dict[str, np.ndarray]:
             rows = list(csv.DictReader(fh))
     except OSError as exc:
         raise OctpipeError(f"cannot read scores: {exc.strerror or exc}", path) from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise OctpipeError(f"not a scores CSV (octpipe score writes one): {type(exc).__name__}", path) from None
     if not rows:
         raise OctpipeError("no rows in the scores CSV", path)
     if "label" not in rows[0]:

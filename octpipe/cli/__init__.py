@@ -88,6 +88,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         typer.echo(f"error: {exc}", err=True)
         code = 1
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted", err=True)
+        code = 130
+    except Exception as exc:  # the floor: commands raise OctpipeError for every input they foresee
+        if state["verbosity"] > 0:
+            traceback.print_exc()
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        typer.echo(f"error: unexpected {type(exc).__name__}: {first} (an octpipe bug: run with -v for the "
+                   "traceback)", err=True)
+        code = 1
     if argv is None:
         raise SystemExit(code)
     return code
