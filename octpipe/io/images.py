@@ -79,6 +79,8 @@ FILL_DARK_STRIP = 0.2
 FILL_FRINGE_TOLERANCE = 0.06
 #: Width in pixels of that fringe.
 FILL_FRINGE_PX = 3
+#: Pixels added all round a fill region whatever their value (the JPEG fringe at its edge).
+FILL_MARGIN_PX = 2
 
 _LUMA = (0.299, 0.587, 0.114)
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -289,6 +291,8 @@ def fill_mask(frame: npt.ArrayLike, *, full_scale: float = 255.0) -> npt.NDArray
         near = np.abs(g - value) <= FILL_FRINGE_TOLERANCE * scale
         out |= ndi.binary_dilation(region, structure=np.ones((3, 3), bool), iterations=FILL_FRINGE_PX,
                                     mask=near) | region
+    if out.any() and FILL_MARGIN_PX > 0:  # JPEG ringing and speckle right at the fill boundary
+        out = ndi.binary_dilation(out, structure=np.ones((3, 3), bool), iterations=FILL_MARGIN_PX)
     return out
 
 

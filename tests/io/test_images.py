@@ -227,7 +227,7 @@ def test_real_spectralis_white_fill_is_invalid() -> None:
     white, black = grey >= 250, grey <= 5
     assert inv[:40].sum() > 5000  # the white wedge along the top
     assert np.mean(inv[:40][white[:40]]) > 0.95
-    assert np.mean((white | black)[inv]) > 0.95  # and black padding at the right edge
+    assert np.mean((white | black)[inv]) > 0.9  # and black padding at the right edge (plus a 2-px margin)
     assert inv[100:400, 755:].mean() > 0.5
     assert not inv[100:400, :740].any()  # retina and choroid untouched
     assert (vol.data[0][inv] == 0).all()
@@ -248,10 +248,10 @@ def test_fill_regions_of_any_value_are_found(tmp_path: Path, value: int, jpeg: b
     inv = read_bscan_image(path).invalid
     assert inv is not None
     fill = wedge | pad
-    # all of the fill, except at most a 2-px JPEG fringe; nothing of the speckle beyond that fringe
+    # all of the fill, except at most a 2-px JPEG fringe; nothing of the speckle beyond fringe and margin
     from scipy import ndimage as ndi
     core = ndi.binary_erosion(fill, iterations=2, border_value=1)
-    outside = ~ndi.binary_dilation(fill, iterations=4)
+    outside = ~ndi.binary_dilation(fill, iterations=6)  # fringe (3 px) and margin (2 px) allowed
     assert inv[0][core].mean() > 0.95  # JPEG ringing at mid-grey reaches a few px further
     assert not inv[0][outside].any()
 
