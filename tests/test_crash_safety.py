@@ -279,6 +279,7 @@ def _export_checksums(out: Path) -> dict[str, dict[str, str]]:
     return sums
 
 
+@pytest.mark.slow  # kept out of the default run for time (make test-all runs it)
 def test_export_killed_mid_run_then_resumed_equals_clean_run(clean_store, tmp_path):
     from octpipe.export.anomaly import MapSettings
     from octpipe.export.run import export_store

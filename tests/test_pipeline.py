@@ -135,6 +135,7 @@ def test_half_written_volume_never_counts_as_complete(tmp_path):
     assert again.counts["ok"] == 1 and len(complete_volumes(store)) == 1
 
 
+@pytest.mark.slow  # kept out of the default run for time (make test-all runs it)
 def test_dask_cluster_gives_the_same_store(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
@@ -223,6 +224,7 @@ def test_ingest_command_exit_codes(tmp_path, capsys):
     assert main(["ingest", str(src), "-o", str(tmp_path / "s.zarr"), "--robust", "9,1"]) == 2
 
 
+@pytest.mark.slow  # kept out of the default run for time (make test-all runs it)
 def test_ingest_of_the_real_sample_data(real_data, tmp_path):
     result = ingest([real_data], tmp_path / "real.zarr", workers=0)
     rows = _by_path(result.rows)
@@ -390,6 +392,7 @@ def test_numbered_real_folder_is_one_volume_in_number_order(real_data, tmp_path)
     assert np.all(np.diag(differs) < 1e-4)  # the same pixels, up to a few that preprocessing changed
 
 
+@pytest.mark.slow  # kept out of the default run for time (make test-all runs it)
 def test_images_option_overrides_the_decision(goodsea_normal, tmp_path, capsys):
     from PIL import Image
 

@@ -329,6 +329,7 @@ def test_index_lists_every_exported_volume(tmp_path, prepared):
     assert prepared.volume_id in csv_path.read_text() and prepared.volume_id in html_path.read_text()
 
 
+@pytest.mark.slow  # kept out of the default run for time (make test-all runs it)
 def test_dask_store_export_equals_in_process_export(tmp_path, trained):
     store, run = trained
     settings = MapSettings(stride=32, precision="fp32")

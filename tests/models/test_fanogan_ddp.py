@@ -45,6 +45,7 @@ WORKER = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # kept out of the default run for time (make test-all runs it)
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
 def test_two_gloo_processes_train_in_sync(tmp_path):
     store = make_patch_store(tmp_path)

@@ -192,6 +192,7 @@ def test_a_few_gan_steps_write_checkpoint_log_and_pngs(store, tmp_path):
         train_gan(store, run, cfg)
 
 
+@pytest.mark.slow  # kept out of the default run for time (make test-all runs it)
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(store, tmp_path):
     cfg = tiny_config(**{"gan.iterations": 20, "encoder.iterations": 6, "encoder.val_every": 0})
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -239,6 +240,7 @@ def test_generator_batchnorm_statistics_change_only_on_generator_steps(store, tm
     assert not torch.all(g["output_norm.running_mean"] == 0)
 
 
+@pytest.mark.slow  # kept out of the default run for time (make test-all runs it)
 def test_bf16_autocast_trains_with_the_gradient_penalty(store, tmp_path):
     result = train_gan(store, tmp_path / "run", tiny_config(**{"gan.iterations": 10, "runtime.precision": "bf16",
                                                               "runtime.channels_last": True}))
@@ -248,6 +250,7 @@ def test_bf16_autocast_trains_with_the_gradient_penalty(store, tmp_path):
     assert all(v.dtype != torch.bfloat16 for v in g.values())  # weights stay float32
 
 
+@pytest.mark.slow  # kept out of the default run for time (make test-all runs it)
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path, monkeypatch):
     calls = {"n": 0}
     real_loss = train_mod.wgan_generator_loss

@@ -36,7 +36,7 @@ def _pick(source: str, n: int) -> list:
 
 
 def _sample() -> list:
-    return (_pick("bilalhassan-raw", 20)[::3] + _pick("octdl-val-AMD", 1) + _pick("octdl-train-NO", 1)
+    return (_pick("bilalhassan-raw", 20)[::5] + _pick("octdl-val-AMD", 1) + _pick("octdl-train-NO", 1)
             + _pick("kermany-DME", 1) + _pick("kermany-lesions", 2))
 
 
