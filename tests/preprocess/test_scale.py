@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from octpipe.io.images import DEFAULT_SPACING_MM, fill_mask, read_bscan_image
-from octpipe.preprocess.layers import segment_ilm_bm
+from octpipe.io.images import DEFAULT_SPACING_MM, read_bscan_image
 from octpipe.preprocess.prepare import prepare_volume, segment_source
 from octpipe.preprocess.scale import PRIOR_THICKNESS_UM, estimate_spacing, resolve_spacing
 from octpipe.testing.realdata import shared_data
@@ -26,23 +25,24 @@ def _require(rel: str) -> Path:
     return DATA / rel
 
 
-def _segment(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    d = (a.astype(np.float32) / 255.0)[None]
-    inv = fill_mask(a.astype(np.float32))[None]
-    spacing, _ = estimate_spacing(d, DEFAULT_SPACING_MM, invalid=inv)
-    r = segment_ilm_bm(d, spacing_mm=spacing, invalid=inv)
-    return r.ilm[0].astype(np.float64), r.bm[0].astype(np.float64), spacing
+def _segment(a: np.ndarray, tmp_path: Path, name: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """What ``octpipe layers`` does with an export of this image: read, fill mask, estimate, segment."""
+    path = tmp_path / f"{name}.png"
+    Image.fromarray(a).save(path)  # lossless: the reader sees exactly ``a``
+    res, vol = segment_source(read_bscan_image(path))
+    assert vol.spacing_source == "estimated"
+    return res.ilm[0].astype(np.float64), res.bm[0].astype(np.float64), vol.spacing_mm
 
 
 @pytest.mark.parametrize("rel", [KERMANY_NORMAL, OCTDL_NORMAL])
 @pytest.mark.parametrize(("sy", "sx"), [(0.5, 0.5), pytest.param(2.0, 2.0, marks=pytest.mark.slow)])
-def test_resized_bscan_gives_the_same_boundaries(rel: str, sy: float, sx: float) -> None:
+def test_resized_bscan_gives_the_same_boundaries(rel: str, sy: float, sx: float, tmp_path: Path) -> None:
     """The same real B-scan resized 0.5x / 2x: boundaries scaled back agree within 1 px (median)."""
     im = Image.open(_require(rel)).convert("L")
     w, h = im.size
-    ilm0, bm0, sp0 = _segment(np.asarray(im))
+    ilm0, bm0, sp0 = _segment(np.asarray(im), tmp_path, "original")
     a = np.asarray(im.resize((round(w * sx), round(h * sy)), Image.BICUBIC))
-    ilm, bm, sp = _segment(a)
+    ilm, bm, sp = _segment(a, tmp_path, "resized")
     assert sp[1] / sp0[1] == pytest.approx(1.0 / sy, rel=0.08)  # the spacing follows the resize
     assert sp[2] / sp0[2] == pytest.approx(1.0 / sy, rel=0.08)
     xs = (np.arange(w) + 0.5) * a.shape[1] / w - 0.5
