@@ -10,12 +10,18 @@ Splits: ``train`` takes K random positions per B-scan from healthy volumes (the 
 trains on normal patches only); ``test`` lays a regular grid (stride 32 by default, the
 last patch flush with the border) over the flattened retina of every volume. A patch's
 label is 1 when any pixel is a lesion, 0 when none is (or the volume is known healthy),
--1 when unknown.
+-1 when unknown. A split can be written under another name (``name=``, e.g. a grid of
+held-out normal volumes as ``patches/calib``).
+
+The ``train`` split is stored in a seeded random order across volumes (a full permutation,
+done in blocks of bounded memory), so that the training stream, which mixes a few chunks at a
+time, draws every batch from many volumes, as the official code's full reshuffle does.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Sequence
@@ -41,6 +47,9 @@ __all__ = [
 ]
 
 SPLITS = ("train", "test")
+
+#: Memory budget of one block of the cross-volume shuffle of the train split.
+SHUFFLE_BLOCK_BYTES = 256 << 20
 
 
 def grid_starts(size: int, patch: int, stride: int) -> npt.NDArray[np.int64]:
@@ -195,6 +204,8 @@ def write_patch_split(
     scheduler: str | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    name: str | None = None,
+    shuffle: bool | None = None,
 ) -> PatchSplitResult:
     """Write ``STORE/patches/<split>`` from the store's flattened volumes.
 
@@ -223,6 +234,13 @@ def write_patch_split(
         Replace an existing split.
     progress : bool
         Show a progress bar.
+    name : str, optional
+        Folder name under ``patches/`` (default: ``split``), e.g. ``calib`` for a grid of
+        held-out normal volumes that training uses as ``data.val_split``.
+    shuffle : bool, optional
+        Store the patches in a seeded random order across volumes; default True for
+        ``train`` (the training stream then mixes volumes as a full reshuffle does), False
+        for ``test`` (kept in volume order, as export and evaluation read them).
 
     Returns
     -------
@@ -238,6 +256,10 @@ def write_patch_split(
                            store)
     if dtype not in ("float16", "float32"):
         raise OctpipeError(f"dtype must be float16 or float32, got {dtype!r}", store)
+    name = split if name is None else name
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", name):
+        raise OctpipeError(f"split name must be letters, digits, '_' or '-', got {name!r}", store)
+    shuffle = (split == "train") if shuffle is None else bool(shuffle)
     store = Path(store)
     from octpipe.store import open_store, store_lock
 
@@ -246,21 +268,21 @@ def write_patch_split(
         return _write_patch_split_locked(store, split, patch=patch, stride=stride, k=k, seed=seed,
                                          volume_ids=volume_ids, include_unknown=include_unknown, dtype=dtype,
                                          chunk=chunk, workers=workers, scheduler=scheduler, overwrite=overwrite,
-                                         progress=progress, t0=t0)
+                                         progress=progress, t0=t0, name=name, shuffle=shuffle)
 
 
 def _write_patch_split_locked(store: Path, split: str, *, patch: int, stride: int, k: int, seed: int,
                               volume_ids: Sequence[str] | None, include_unknown: bool, dtype: str, chunk: int,
                               workers: int | None, scheduler: str | None, overwrite: bool, progress: bool,
-                              t0: float) -> PatchSplitResult:
+                              t0: float, name: str, shuffle: bool) -> PatchSplitResult:
     """:func:`write_patch_split` while holding the store lock."""
     import time
 
     import zarr
 
-    target = store / "patches" / split
+    target = store / "patches" / name
     if target.exists() and not overwrite:
-        raise OctpipeError(f"patches/{split} exists; pass --overwrite to replace it", store)
+        raise OctpipeError(f"patches/{name} exists; pass --overwrite to replace it", store)
     vids = _select_volumes(store, split, include_unknown, volume_ids)
     if not vids:
         what = "healthy (label 0) volumes" if split == "train" else "preprocessed volumes"
@@ -271,7 +293,7 @@ def _write_patch_split_locked(store: Path, split: str, *, patch: int, stride: in
 
     from octpipe.store import FAST_ZSTD
 
-    staging = store / ".staging" / f"patches-{split}-{uuid.uuid4().hex[:8]}"
+    staging = store / ".staging" / f"patches-{name}-{uuid.uuid4().hex[:8]}"
     group = zarr.open_group(str(staging), mode="w")
     arrays = {
         "x": group.create_array("x", shape=(0, patch, patch), dtype=dtype, chunks=(chunk, patch, patch),
@@ -329,8 +351,14 @@ def _write_patch_split_locked(store: Path, split: str, *, patch: int, stride: in
         has_mask = "mask" in arrays
         if has_mask and arrays["mask"].shape[0] != arrays["x"].shape[0]:
             raise OctpipeError("some volumes have lesion masks and others not; mask array incomplete", store)
+        if shuffle and arrays["x"].shape[0] > 1:
+            shuffled = staging.with_name(staging.name + "-shuffled")
+            group = shuffle_rows(group, shuffled, seed=seed)
+            shutil.rmtree(staging, ignore_errors=True)
+            staging = shuffled
+            arrays = {k: group[k] for k in arrays}
         group.attrs.update({
-            "split": split, "volumes": vids, "patch": patch, "stride": stride, "k_per_bscan": k, "seed": seed,
+            "split": name, "sampling": split, "order": "random" if shuffle else "volume", "volumes": vids, "patch": patch, "stride": stride, "k_per_bscan": k, "seed": seed,
             "dtype": dtype, "n": int(arrays["x"].shape[0]), "label_counts": label_counts,
             "index_columns": ["volume", "bscan", "row", "col"], "geometry": "flattened area (flat)",
         })
@@ -338,7 +366,7 @@ def _write_patch_split_locked(store: Path, split: str, *, patch: int, stride: in
         if not (store / "patches" / "zarr.json").exists():
             zarr.open_group(str(store), mode="r+").require_group("patches")
         if target.exists():
-            old = store / ".staging" / f"old-{split}-{uuid.uuid4().hex[:8]}"
+            old = store / ".staging" / f"old-{name}-{uuid.uuid4().hex[:8]}"
             os.rename(target, old)
             os.rename(staging, target)
             shutil.rmtree(old, ignore_errors=True)
@@ -352,6 +380,42 @@ def _write_patch_split_locked(store: Path, split: str, *, patch: int, stride: in
             bar.stop()
     return PatchSplitResult(split=split, n_patches=int(sum(label_counts.values())), n_volumes=len(vids),
                             label_counts=label_counts, seconds=round(time.perf_counter() - t0, 2), path=target)
+
+
+def shuffle_rows(group, path: Path, *, seed: int, block_bytes: int = SHUFFLE_BLOCK_BYTES):
+    """Copy every array of ``group`` to a new group at ``path``, rows in one seeded permutation.
+
+    Output rows are written in blocks of at most ``block_bytes``; each block gathers its rows
+    from the source one chunk at a time, so memory stays bounded whatever the split's size
+    (a split of B blocks is read B times).
+    """
+    import zarr
+
+    src = {k: group[k] for k in group.array_keys()}
+    n = src["x"].shape[0]
+    perm = np.random.default_rng(np.random.SeedSequence([seed, 0x5F1A])).permutation(n)
+    out = zarr.open_group(str(path), mode="w")
+    dst = {k: out.create_array(k, shape=a.shape, dtype=a.dtype, chunks=a.chunks, compressors=a.compressors)
+           for k, a in src.items()}
+    row_bytes = sum(int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize for a in src.values())
+    block = max(1, block_bytes // max(row_bytes, 1))
+    for start in range(0, n, block):
+        rows = perm[start:start + block]
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        for k, a in src.items():
+            buf = np.empty((len(rows), *a.shape[1:]), a.dtype)
+            step = a.chunks[0]
+            first, last = sorted_rows[0] // step, sorted_rows[-1] // step
+            for c in range(int(first), int(last) + 1):
+                lo, hi = np.searchsorted(sorted_rows, [c * step, (c + 1) * step])
+                if lo == hi:
+                    continue
+                data = a[c * step:min((c + 1) * step, n)]
+                buf[order[lo:hi]] = data[sorted_rows[lo:hi] - c * step]
+            dst[k][start:start + len(rows)] = buf
+    out.attrs.update(dict(group.attrs))
+    return out
 
 
 def _run_tasks(vids, store, split, args, workers, scheduler, collect, advance) -> None:

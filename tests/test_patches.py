@@ -166,3 +166,38 @@ def test_patches_command(store, capsys):
     assert main(["patches", str(store), "--split", "test", "--workers", "0", "--overwrite"]) == 0
     assert "patches test: 81 patches from 3 volumes" in capsys.readouterr().out
     assert main(["patches", str(store), "--split", "nope"]) == 2
+
+
+def test_train_split_is_stored_in_random_order_across_volumes(store):
+    """The train split is one seeded permutation of the volume-order split (same patches, rows)."""
+    ordered = write_patch_split(store, "train", name="train-ordered", k=8, seed=5, workers=0, shuffle=False)
+    shuffled = write_patch_split(store, "train", k=8, seed=5, workers=0, overwrite=True)
+    go = zarr.open_group(str(ordered.path), mode="r")
+    gs = zarr.open_group(str(shuffled.path), mode="r")
+    assert gs.attrs["order"] == "random" and go.attrs["order"] == "volume"
+    io, is_ = go["index"][...], gs["index"][...]
+    assert (np.diff(io[:, 0]) >= 0).all()  # old layout: one volume after another
+    assert not (np.diff(is_[:, 0]) >= 0).all()  # new: volumes interleaved
+    # same rows, permuted together: every (index, patch, label) triple is kept
+    key_o = {tuple(r): i for i, r in enumerate(io.tolist())}
+    perm = np.array([key_o[tuple(r)] for r in is_.tolist()])
+    assert sorted(perm.tolist()) == list(range(len(io)))
+    np.testing.assert_array_equal(gs["x"][...], go["x"][...][perm])
+    np.testing.assert_array_equal(gs["label"][...], go["label"][...][perm])
+    # reproducible, and bounded-memory blocks give the same permutation as one block
+    from octpipe.patches import shuffle_rows
+
+    small = shuffle_rows(go, store / ".staging" / "blocks-test", seed=5, block_bytes=3 * 64 * 64 * 2)
+    np.testing.assert_array_equal(small["x"][...], gs["x"][...])
+    np.testing.assert_array_equal(small["index"][...], is_)
+
+
+def test_named_split_for_held_out_grids(store):
+    vids = volume_ids(store)
+    res = write_patch_split(store, "test", name="calib", volume_ids=vids[:1], workers=0, overwrite=True)
+    g = zarr.open_group(str(store / "patches" / "calib"), mode="r")
+    assert res.path.name == "calib" and g.attrs["split"] == "calib" and g.attrs["sampling"] == "test"
+    assert g.attrs["volumes"] == vids[:1] and res.n_patches == 3 * 9
+    assert g.attrs["order"] == "volume"  # grids keep volume order for export/evaluation
+    with pytest.raises(OctpipeError, match="split name"):
+        write_patch_split(store, "test", name="../x", workers=0)

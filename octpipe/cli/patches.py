@@ -25,6 +25,9 @@ def patches(
                                                                "0 runs in this process."),
     scheduler: str = typer.Option(None, "--scheduler", help="Address of an existing dask.distributed scheduler."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing split."),
+    name: str = typer.Option(None, "--name", help="Write the split as patches/NAME instead of patches/SPLIT, "
+                                                  "e.g. --split test --name calib for a grid of held-out normal "
+                                                  "volumes (training's data.val_split)."),
 ) -> None:
     """Cut the flattened volumes of STORE into 64×64 patches under STORE/patches/SPLIT.
 
@@ -39,8 +42,8 @@ def patches(
         raise typer.BadParameter(f"must be one of {', '.join(SPLITS)}, got {split!r}", param_hint="--split")
     result = write_patch_split(store, split, patch=patch, stride=stride, k=k, seed=seed,
                                include_unknown=include_unknown, dtype=dtype, workers=workers, scheduler=scheduler,
-                               overwrite=overwrite, progress=state["progress"])
+                               overwrite=overwrite, progress=state["progress"], name=name)
     if state["verbosity"] >= 0:
         c = result.label_counts
-        typer.echo(f"patches {split}: {result.n_patches} patches from {result.n_volumes} volumes "
+        typer.echo(f"patches {name or split}: {result.n_patches} patches from {result.n_volumes} volumes "
                    f"(normal {c[0]}, anomalous {c[1]}, unknown {c[-1]}) in {result.seconds} s -> {result.path}")

@@ -91,7 +91,7 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
     bad = [
         ({"gan": {"lr": -1}}, r"gan\.lr must be in \(0"),
         ({"gan": {"betas": [0.0]}}, r"gan\.betas"),
-        ({"gan": {"count": "epochs"}}, r"gan\.count must be one of critic, generator"),
+        ({"gan": {"count": "epochs"}}, r"gan\.count must be one of critic, generator, epoch"),
         ({"gan": {"batch_size": 2.5}}, r"gan\.batch_size must be an integer"),
         ({"gan": {"hflip": "yes"}}, r"gan\.hflip must be true or false"),
         ({"encoder": {"mode": "ali"}}, r"encoder\.mode must be one of izi_f, izi, ziz"),
@@ -161,6 +161,18 @@ def test_held_out_volumes_are_never_trained_on(store):
 
 
 # --- GAN stage ----------------------------------------------------------------------------------
+def test_epoch_count_is_the_official_stopping_rule(store, tmp_path):
+    cfg = tiny_config(**{"gan.count": "epoch", "gan.iterations": 2})
+    with pytest.raises(ConfigError, match="depends on the training split"):
+        _ = cfg.gan.total_critic_steps
+    assert cfg.gan.critic_steps_for(7) == 14
+    result = train_gan(store, tmp_path / "run", cfg)
+    info = json.loads(RunPaths(tmp_path / "run").run_json.read_text())["stages"]["gan"]
+    per_epoch = info["n_train"] // cfg.gan.batch_size  # the last partial batch of an epoch is dropped
+    assert per_epoch >= 2 and info["total_critic_steps"] == 2 * per_epoch == result["critic_step"]
+    assert info["count"] == "epoch"
+
+
 def test_a_few_gan_steps_write_checkpoint_log_and_pngs(store, tmp_path):
     run = tmp_path / "run"
     cfg = tiny_config(**{"gan.iterations": 10, "gan.sample_every": 5})

@@ -233,12 +233,15 @@ class GANConfig(_Section):
         Critic (D) steps per generator step.
     iterations : int, default 100000
         Training length in the units given by ``count``.
-    count : {'critic', 'generator'}, default 'critic'
+    count : {'critic', 'generator', 'epoch'}, default 'critic'
         ``'critic'``: ``iterations`` counts critic steps (real batches consumed), as the official
         f-AnoGAN code does; 100000 ≈ 20000 generator steps. ``'generator'``: it counts outer
         iterations of igul222 ``gan_64x64.py`` (one G step, skipped the first time, then
-        ``critic_iters`` D steps), i.e. ``iterations × critic_iters`` critic steps. Both counters
-        are logged either way.
+        ``critic_iters`` D steps), i.e. ``iterations × critic_iters`` critic steps. ``'epoch'``:
+        the official stopping rule (``TRAIN_EPOCHS``): ``iterations`` epochs of critic steps over
+        the training patches (each epoch ``n_train // batch_size`` critic steps, the last partial
+        batch dropped); ``log_every``, ``checkpoint_every``, ``snapshot_every`` and
+        ``sample_every`` then count critic steps. Both counters are logged either way.
     prior : {'normal', 'uniform'}, default 'normal'
         z ~ N(0, I) or U(-1, 1).
     hflip : bool, default True
@@ -282,7 +285,7 @@ class GANConfig(_Section):
         _set(self, "gp_weight", _float(s, "gp_weight", self.gp_weight, low=0.0))
         _int(s, "critic_iters", self.critic_iters, minimum=1)
         _int(s, "iterations", self.iterations, minimum=1)
-        _choice(s, "count", self.count, ("critic", "generator"))
+        _choice(s, "count", self.count, ("critic", "generator", "epoch"))
         _choice(s, "prior", self.prior, ("normal", "uniform"))
         _bool(s, "hflip", self.hflip)
         _int(s, "log_every", self.log_every, minimum=1)
@@ -293,8 +296,15 @@ class GANConfig(_Section):
 
     @property
     def total_critic_steps(self) -> int:
-        """Critic steps of a complete run."""
+        """Critic steps of a complete run (``count: epoch`` needs the data: :meth:`critic_steps_for`)."""
+        if self.count == "epoch":
+            raise ConfigError("gan.count 'epoch': the number of critic steps depends on the training split; "
+                              "use critic_steps_for(steps_per_epoch)")
         return self.iterations if self.count == "critic" else self.iterations * self.critic_iters
+
+    def critic_steps_for(self, steps_per_epoch: int) -> int:
+        """Critic steps of a complete run when an epoch is ``steps_per_epoch`` critic steps."""
+        return self.iterations * steps_per_epoch if self.count == "epoch" else self.total_critic_steps
 
 
 @dataclass(frozen=True)

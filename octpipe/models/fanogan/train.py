@@ -734,7 +734,7 @@ class _GANTrainer:
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def _units(self, critic_step: int) -> int:
-        return critic_step if self.cfg.count == "critic" else critic_step // self.cfg.critic_iters
+        return critic_step // self.cfg.critic_iters if self.cfg.count == "generator" else critic_step
 
     def _crossed(self, before: int, after: int, every: int) -> bool:
         return every > 0 and self._units(after) // every > self._units(before) // every
@@ -790,7 +790,7 @@ class _GANTrainer:
     # ---- loop ----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         cfg, rt, d = self.cfg, self.rt, self.rt.dist
-        total, k = cfg.total_critic_steps, cfg.critic_iters
+        total, k = cfg.critic_steps_for(len(self.stream.indices) // self.stream.per_step), cfg.critic_iters
         if d.main:
             _update_run_json(self.paths, self.store, "gan", {
                 "status": "running", **rt.describe(), "held_out": self.held_out, "n_train": self.n_train,
