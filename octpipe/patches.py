@@ -328,6 +328,14 @@ def _write_patch_split_locked(store: Path, split: str, *, patch: int, stride: in
         buffers["index"].append(index)
         buffers["label"].append(result["label"])
         if result["mask"] is not None:
+            if not buffers["mask"] and "mask" not in arrays and counts["n"] + counts["buffered"] > 0:
+                # the first annotated volume after unannotated ones: their masks are zeros
+                arrays["mask"] = group.create_array("mask", shape=(0, patch, patch), dtype="uint8",
+                                                    chunks=(chunk, patch, patch), compressors=FAST_ZSTD)
+                for start in range(0, counts["n"], chunk):
+                    arrays["mask"].append(np.zeros((min(chunk, counts["n"] - start), patch, patch), np.uint8))
+                if counts["buffered"]:
+                    buffers["mask"].append(np.zeros((counts["buffered"], patch, patch), np.uint8))
             buffers["mask"].append(result["mask"])
         elif buffers["mask"] or "mask" in arrays:  # mixed annotated/unannotated: unknown mask is zeros
             buffers["mask"].append(np.zeros((n, patch, patch), np.uint8))
@@ -358,7 +366,8 @@ def _write_patch_split_locked(store: Path, split: str, *, patch: int, stride: in
             staging = shuffled
             arrays = {k: group[k] for k in arrays}
         group.attrs.update({
-            "split": name, "sampling": split, "order": "random" if shuffle else "volume", "volumes": vids, "patch": patch, "stride": stride, "k_per_bscan": k, "seed": seed,
+            "split": name, "sampling": split, "order": "random" if shuffle else "volume", "volumes": vids,
+            "patch": patch, "stride": stride, "k_per_bscan": k, "seed": seed,
             "dtype": dtype, "n": int(arrays["x"].shape[0]), "label_counts": label_counts,
             "index_columns": ["volume", "bscan", "row", "col"], "geometry": "flattened area (flat)",
         })

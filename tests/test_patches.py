@@ -201,3 +201,22 @@ def test_named_split_for_held_out_grids(store):
     assert g.attrs["order"] == "volume"  # grids keep volume order for export/evaluation
     with pytest.raises(OctpipeError, match="split name"):
         write_patch_split(store, "test", name="../x", workers=0)
+
+
+def test_stores_mixing_annotated_and_unannotated_volumes_cut_in_any_order(store, tmp_path):
+    """The first volume (in id order) without a mask, a later one with: masks of zeros, no error."""
+    import shutil
+
+    vids = volume_ids(store)
+    for first_without in (True, False):
+        copy = tmp_path / f"mixed-{first_without}.zarr"
+        shutil.copytree(store, copy)
+        shutil.rmtree(copy / "patches", ignore_errors=True)
+        target = vids[0] if first_without else vids[-1]
+        shutil.rmtree(copy / "volumes" / target / "mask")
+        res = write_patch_split(copy, "test", stride=32, workers=0, chunk=4)  # small chunks: flushed rows too
+        g = zarr.open_group(str(res.path), mode="r")
+        assert g["mask"].shape == g["x"].shape
+        number = g.attrs["volumes"].index(target)
+        rows = g["index"][:, 0] == number
+        assert rows.sum() == 27 and not g["mask"][...][rows].any()

@@ -17,7 +17,8 @@ def train(
                                                        "calibration.json and model.pt."),
     stage: str = typer.Option("all", "--stage", help="gan, encoder or all (default: GAN, then encoder)."),
     config: Path = typer.Option(None, "--config", help="Training config YAML (see pipelines/fanogan.yaml). "
-                                                       "Default: the official f-AnoGAN settings."),
+                                                       "Default: with --resume the run's own config.yaml, "
+                                                       "else the official f-AnoGAN settings."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoints (same losses "
                                                         "as an uninterrupted run); starts afresh when there are "
                                                         "none."),
@@ -52,7 +53,13 @@ def train(
         raise typer.BadParameter(f"must be auto, cpu or cuda, got {device!r}", param_hint="--device")
     if precision is not None and precision not in ("auto", "fp32", "tf32", "bf16"):
         raise typer.BadParameter(f"must be auto, fp32, tf32 or bf16, got {precision!r}", param_hint="--precision")
-    cfg = load_config(config) if config is not None else FAnoGANConfig()
+    saved = out / "config.yaml"
+    if config is not None:
+        cfg = load_config(config)
+    elif resume and saved.is_file():  # a resumed run continues with its own settings
+        cfg = load_config(saved)
+    else:
+        cfg = FAnoGANConfig()
     overrides: dict[str, object] = {}
     if iterations is not None:
         if stage in ("gan", "all"):

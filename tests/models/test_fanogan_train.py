@@ -385,3 +385,33 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
 def test_torch_compile_of_the_generator_trains(store, tmp_path):
     result = train_gan(store, tmp_path / "run", tiny_config(**{"gan.iterations": 10, "runtime.compile": True}))
     assert result["runtime"]["compile"] and all(math.isfinite(v) for v in result["last"].values())
+
+
+def test_overwrite_removes_only_the_runs_own_files(store, tmp_path):
+    from octpipe.cli import main
+
+    run = tmp_path / "folder"
+    run.mkdir()
+    (run / "keep.txt").write_text("a user's notes")
+    (run / "data").mkdir()
+    (run / "data" / "scan.vol").write_bytes(b"x")
+    args = ["train", str(store), "-o", str(run), "--config", str(TINY_YAML), "--stage", "gan", "--iterations", "5",
+            "--threads", "1"]
+    assert main(args) == 0
+    assert RunPaths(run).checkpoint("gan").is_file()
+    assert main([*args, "--overwrite"]) == 0
+    assert (run / "keep.txt").read_text() == "a user's notes" and (run / "data" / "scan.vol").is_file()
+    assert RunPaths(run).checkpoint("gan").is_file() and RunPaths(run).config.is_file()
+
+
+def test_resume_without_config_uses_the_runs_own_config(store, tmp_path):
+    from octpipe.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", str(store), "-o", str(run), "--config", str(TINY_YAML), "--stage", "gan",
+                 "--iterations", "5", "--threads", "1"]) == 0
+    # no --config: the saved config.yaml (latent 16), not the official defaults (latent 128)
+    assert main(["train", str(store), "-o", str(run), "--resume", "--stage", "gan", "--iterations", "10",
+                 "--threads", "1"]) == 0
+    assert load_checkpoint(RunPaths(run).checkpoint("gan"))["counters"]["critic_step"] == 10
+    assert load_config(RunPaths(run).config).model.latent_dim == load_config(TINY_YAML).model.latent_dim

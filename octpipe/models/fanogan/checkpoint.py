@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,19 @@ class RunPaths:
     def checkpoint(self, stage: str, step: int | None = None) -> Path:
         """``checkpoints/<stage>-last.pt``, or the snapshot ``<stage>-<step>.pt``."""
         return self.checkpoints / (f"{stage}-last.pt" if step is None else f"{stage}-{step:08d}.pt")
+
+    def own(self) -> tuple[Path, ...]:
+        """Every file and folder a run writes (the only things ``--overwrite`` may remove)."""
+        return (self.config, self.run_json, self.log, self.checkpoints, self.samples, self.calibration,
+                self.bundle, self.tensorboard)
+
+    def remove_own(self) -> None:
+        """Delete the run's own files and folders; anything else in the folder is left alone."""
+        for path in self.own():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
 
 
 def build_networks(config: FAnoGANConfig) -> tuple[Generator, Discriminator, Encoder]:

@@ -41,7 +41,6 @@ import csv
 import json
 import math
 import os
-import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -657,7 +656,7 @@ class _GANTrainer:
         _barrier(d)  # every rank has read the checkpoint before rank 0 may delete it
         if d.main:
             if overwrite and paths.root.exists():
-                shutil.rmtree(paths.root)
+                paths.remove_own()  # only the run's files: a user's other files in the folder stay
             paths.root.mkdir(parents=True, exist_ok=True)
             _write_config(paths, config)
         _barrier(d)
