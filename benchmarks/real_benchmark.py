@@ -173,6 +173,11 @@ def stage_train(work: Path, threads: int) -> Path:
 BASELINE_STEPS = {"AE": 1500, "AdvAE": 600}  # the CPU budget of benchmarks/paper_tables.py --quick
 
 
+def _same_training(a: dict, b: dict) -> bool:
+    """Two baseline configs train the same model (the thread count changes only the speed)."""
+    return {k: v for k, v in a.items() if k != "threads"} == {k: v for k, v in b.items() if k != "threads"}
+
+
 def baseline_models(work: Path, threads: int) -> dict[str, object]:
     """AE and AdvAE at f-AnoGAN's width on the same training patches (cached in WORK/baselines)."""
     import torch
@@ -191,7 +196,7 @@ def baseline_models(work: Path, threads: int) -> dict[str, object]:
         path = work / "baselines" / f"{name}.pt"
         if path.exists():
             saved = torch.load(path, map_location="cpu", weights_only=False)
-            if saved["config"] == cfg.to_dict():
+            if _same_training(saved["config"], cfg.to_dict()):
                 enc, dec = Autoencoder.build(cfg)
                 nets = (enc, dec) if cls is Autoencoder else (enc, dec, Discriminator(dim=cfg.dim,
                                                                                       image_size=cfg.image_size))
@@ -450,7 +455,8 @@ def _outline_sources(src: Path, folder: Path) -> None:
         sidecar = folder / f"{img.name.split('.')[0]}_truth.npz"
         if link.exists() and sidecar.exists():
             continue
-        w, h = Image.open(img).size
+        with Image.open(img) as im:
+            w, h = im.size
         mask = rasterise_polygons(lesion_polygons(label), (h, w))
         if not link.exists():
             link.symlink_to(img)
@@ -509,8 +515,10 @@ def stage_figure(work: Path, data: Path, model: Path, report: dict, out_png: Pat
         out = work / "figure" / f"{row}"
         octpipe_cmd("export", str(path), "-o", str(out), "--model", str(model), "--overwrite")
         overlay = next(out.rglob("overlays/bscan_000.png"))
-        raw = np.asarray(Image.open(path).convert("L"))
-        ov = np.asarray(Image.open(overlay).convert("RGB"))
+        with Image.open(path) as im:
+            raw = np.asarray(im.convert("L"))
+        with Image.open(overlay) as im:
+            ov = np.asarray(im.convert("RGB"))
         axes[row, 0].imshow(raw, cmap="gray")
         axes[row, 1].imshow(ov)
         if labels is not None:
