@@ -254,6 +254,8 @@ def write_patch_split(
     if patch < 1 or stride < 1 or k < 0 or chunk < 1:
         raise OctpipeError(f"patch and stride must be >= 1 and k >= 0, got patch={patch}, stride={stride}, k={k}",
                            store)
+    if split == "train" and k < 1:
+        raise OctpipeError("k must be >= 1 for --split train (random patches per B-scan), got 0", store)
     if dtype not in ("float16", "float32"):
         raise OctpipeError(f"dtype must be float16 or float32, got {dtype!r}", store)
     name = split if name is None else name

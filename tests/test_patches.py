@@ -141,6 +141,9 @@ def test_patch_errors(store, tmp_path):
         write_patch_split(store, "val", workers=0)
     with pytest.raises(OctpipeError, match="no octpipe store"):
         write_patch_split(tmp_path / "none.zarr", "test", workers=0)
+    with pytest.raises(OctpipeError, match="k must be >= 1"):
+        write_patch_split(store, "train", k=0, workers=0, name="train-k0")
+    assert not (store / "patches" / "train-k0").exists()
 
 
 def test_torch_datasets_stream_patches(store):
@@ -166,6 +169,7 @@ def test_patches_command(store, capsys):
     assert main(["patches", str(store), "--split", "test", "--workers", "0", "--overwrite"]) == 0
     assert "patches test: 81 patches from 3 volumes" in capsys.readouterr().out
     assert main(["patches", str(store), "--split", "nope"]) == 2
+    assert main(["patches", str(store), "--split", "train", "--k", "0"]) == 2  # a usage error, one line
 
 
 def test_train_split_is_stored_in_random_order_across_volumes(store):

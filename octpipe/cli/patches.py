@@ -16,7 +16,7 @@ def patches(
                                                    "grid over every volume."),
     patch: int = typer.Option(64, "--patch", min=1, help="Patch size in pixels. Default 64 (the paper)."),
     stride: int = typer.Option(32, "--stride", min=1, help="Grid stride in pixels for --split test. Default 32."),
-    k: int = typer.Option(64, "--k", min=0, help="Random patches per B-scan for --split train. Default 64."),
+    k: int = typer.Option(64, "--k", min=1, help="Random patches per B-scan for --split train. Default 64."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random positions. Default 0."),
     include_unknown: bool = typer.Option(False, "--include-unknown",
                                          help="For train, also use volumes whose health is unknown."),
