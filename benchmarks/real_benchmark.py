@@ -381,13 +381,13 @@ def pixel_tables(rows: list[dict]) -> dict:
             continue
         if (mask == c + 1).sum() >= 100:
             targets[name] = mask == c + 1
+    maps = {m: np.concatenate([r["pixels"][m] for r in rows]) for m in PIXEL_METHODS}  # once, not per target
     for target, pos in targets.items():
         use = normal | pos
         y = pos[use].astype(np.int8)
         out["tables"][target] = {"n_pixels": int(y.sum())}
         for m in PIXEL_METHODS:
-            v = np.concatenate([r["pixels"][m] for r in rows])[use]
-            out["tables"][target][m] = image_metrics(v, y).to_dict()
+            out["tables"][target][m] = image_metrics(maps[m][use], y).to_dict()
     return out
 
 

@@ -306,6 +306,10 @@ def _write_patch_split_locked(store: Path, split: str, *, patch: int, stride: in
     buffers: dict[str, list[np.ndarray]] = {name: [] for name in ("x", "index", "label", "mask")}
     counts = {"n": 0, "buffered": 0}
 
+    def create_mask_array() -> None:
+        arrays["mask"] = group.create_array("mask", shape=(0, patch, patch), dtype="uint8",
+                                            chunks=(chunk, patch, patch), compressors=FAST_ZSTD)
+
     def flush(final: bool = False) -> None:
         n_buf = counts["buffered"]
         n_write = n_buf if final else (n_buf // chunk) * chunk
@@ -316,8 +320,7 @@ def _write_patch_split_locked(store: Path, split: str, *, patch: int, stride: in
                 continue
             data = np.concatenate(buffers[name])
             if name == "mask" and "mask" not in arrays:
-                arrays["mask"] = group.create_array("mask", shape=(0, patch, patch), dtype="uint8",
-                                                    chunks=(chunk, patch, patch), compressors=FAST_ZSTD)
+                create_mask_array()
             arrays[name].append(data[:n_write], axis=0)
             buffers[name] = [data[n_write:]] if n_write < len(data) else []
         counts["buffered"] = n_buf - n_write
@@ -332,8 +335,7 @@ def _write_patch_split_locked(store: Path, split: str, *, patch: int, stride: in
         if result["mask"] is not None:
             if not buffers["mask"] and "mask" not in arrays and counts["n"] + counts["buffered"] > 0:
                 # the first annotated volume after unannotated ones: their masks are zeros
-                arrays["mask"] = group.create_array("mask", shape=(0, patch, patch), dtype="uint8",
-                                                    chunks=(chunk, patch, patch), compressors=FAST_ZSTD)
+                create_mask_array()
                 for start in range(0, counts["n"], chunk):
                     arrays["mask"].append(np.zeros((min(chunk, counts["n"] - start), patch, patch), np.uint8))
                 if counts["buffered"]:
@@ -363,7 +365,11 @@ def _write_patch_split_locked(store: Path, split: str, *, patch: int, stride: in
             raise OctpipeError("some volumes have lesion masks and others not; mask array incomplete", store)
         if shuffle and arrays["x"].shape[0] > 1:
             shuffled = staging.with_name(staging.name + "-shuffled")
-            group = shuffle_rows(group, shuffled, seed=seed)
+            try:
+                group = shuffle_rows(group, shuffled, seed=seed)
+            except BaseException:
+                shutil.rmtree(shuffled, ignore_errors=True)  # the outer handler removes the unshuffled copy
+                raise
             shutil.rmtree(staging, ignore_errors=True)
             staging = shuffled
             arrays = {k: group[k] for k in arrays}
