@@ -11,7 +11,10 @@ With a DICOM source whose frames match the anomaly map (OCT-NOTES.md §3.3)
       one segment "Anomaly", algorithm type AUTOMATIC (octpipe f-AnoGAN).
 
     The map and the segmentation reference ``source-deid.dcm`` (so the references resolve
-    inside the export folder), sit in its study and share its Frame of Reference. Frame ``j``
+    inside the export folder), sit in its study and share its Frame of Reference. The eye is
+    written where the IODs want it, never as the General Series ``Laterality``: ``ImageLaterality``
+    on both, a shared Frame Anatomy item (Eye, ``FrameLaterality``) on the map, and a Right/Left
+    ``AnatomicRegionModifierSequence`` on the segment's anatomic region (Retina). Frame ``j``
     of both is frame ``j`` of the source *file*; the anomaly map is in the order
     :func:`octpipe.io.dicom.read_dicom` returns (by ``InStackPositionNumber``) and is put
     back in file order.
@@ -19,8 +22,9 @@ With a DICOM source whose frames match the anomaly map (OCT-NOTES.md §3.3)
 Otherwise (no source, a source that is not a usable DICOM volume, or one whose frames do not match)
     ``overlays-sc-0000.dcm``, ``overlays-sc-0001.dcm``, ...: one single-frame RGB Secondary
     Capture per overlay image (highdicom's ``SCImage`` is single-frame only), all in one new
-    series: ``BurnedInAnnotation = YES``, ``ImageType`` DERIVED, SECONDARY, OTHER, laterality
-    set, ``PatientID`` = the pseudonym, no name or birth date. No overlays: nothing is written.
+    series: ``BurnedInAnnotation = YES``, ``ImageType`` DERIVED, SECONDARY, OTHER,
+    ``ImageLaterality`` set (no series ``Laterality``), ``PatientID`` = the pseudonym, no name or
+    birth date. No overlays: nothing is written.
     Why the Parametric Map was not written is returned in :attr:`DicomExportResult.note`.
 
 What highdicom needs from a multi-frame source (highdicom 0.28): a ``FrameOfReferenceUID``; a
@@ -223,8 +227,8 @@ def write_dicom_exports(
         (between B-scans, axial, lateral) in mm. Used for the Secondary Capture pixel spacing
         (when an overlay has the map's B-scan size) and for a source without pixel measures.
     laterality : {"OD", "OS"} or None
-        Written on every output; None takes the source's laterality, if any. A source that
-        states the other eye is not used (fallback).
+        Written on every output (see the module docstring for where); None takes the source's
+        laterality, if any. A source that states the other eye is not used (fallback).
     pseudonym : str
         Stored as ``PatientID`` (at most 64 characters, no backslash) and mixed into every
         derived UID. Never pass a real patient identifier.
@@ -477,9 +481,9 @@ def _equipment() -> dict[str, object]:
 
 
 def _finish(ds: Dataset, *, laterality: str | None, series_description: str) -> None:
-    """Attributes highdicom does not set: laterality, description, research note."""
+    """Attributes highdicom does not set: image laterality, description, research note."""
     if laterality is not None:
-        ds.Laterality = _LATERALITY_TO_DICOM[laterality]
+        ds.ImageLaterality = _LATERALITY_TO_DICOM[laterality]
     ds.SeriesDescription = series_description[:64]
     ds.ImageComments = _RESEARCH_NOTE
 
@@ -509,7 +513,17 @@ def _parametric_map(
         **_equipment(),
     )
     _finish(pm, laterality=laterality, series_description=series_description)
+    if laterality is not None:
+        pm.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = Sequence([_frame_anatomy(laterality)])
     return pm
+
+
+def _frame_anatomy(laterality: str) -> Dataset:
+    """A Frame Anatomy item: the eye and its ``FrameLaterality``, as in the OPT source."""
+    item = Dataset()
+    item.AnatomicRegionSequence = Sequence([hd.sr.CodedConcept.from_code(codes.SCT.Eye)])
+    item.FrameLaterality = _LATERALITY_TO_DICOM[laterality]
+    return item
 
 
 def _segmentation(
@@ -529,6 +543,10 @@ def _segmentation(
         algorithm_identification=algorithm,
         anatomic_regions=[codes.SCT.Retina],
     )
+    if laterality is not None:  # the Segmentation IOD states the eye per segment
+        side = codes.SCT.Right if laterality == "OD" else codes.SCT.Left
+        segment.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = Sequence(
+            [hd.sr.CodedConcept.from_code(side)])
     seg = hd.seg.Segmentation(
         [source], mask, hd.seg.SegmentationTypeValues.BINARY, [segment], uids[0], 102, uids[1], 1,
         software_versions=software_version,
@@ -661,13 +679,12 @@ def _secondary_captures(
             device_serial_number=_SERIAL,
             software_versions=software_version,
             patient_id=pseudonym,
-            laterality=lat,
             pixel_spacing=(spacing[1], spacing[2]) if native else None,
         )
         sc.PatientOrientation = None  # Type 2C: present, empty (unknown)
         sc.BurnedInAnnotation = "YES"
         sc.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
-        if lat is not None:
+        if lat is not None:  # General Image; the series Laterality is not allowed beside it
             sc.ImageLaterality = lat
         sc.SeriesDescription = f"{series_description} overlays"[:64]
         sc.ImageComments = f"overlay {i + 1} of {n}; {_RESEARCH_NOTE}"

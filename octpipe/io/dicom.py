@@ -50,7 +50,14 @@ Writing (:func:`write_dicom_opt`)
     A ``FrameOfReferenceUID`` is always written (highdicom needs it to build SEG and
     parametric maps on the volume). The patient module holds only the given
     pseudonym as ``PatientID``; ``PatientName``, ``PatientBirthDate`` and
-    ``PatientSex`` are present but empty (Type 2).
+    ``PatientSex`` are present but empty (Type 2). The eye is in ``ImageLaterality``
+    and ``FrameLaterality`` only (no General Series ``Laterality``), and the file is
+    one whole volume: ``ConcatenationFrameOffsetNumber = 0``, ``InConcatenationNumber``
+    = ``InConcatenationTotalNumber = 1`` (the values the OPT IOD fixes, since it
+    permits no concatenation). dicom3tools' ``dciodvfy`` reports no error when the eye
+    is given, except three on these concatenation attributes, where it also applies
+    the generic Multi-frame Functional Groups rules that the OPT module overrides
+    (see ``tests/export/test_dicom_conformance.py``).
 """
 
 from __future__ import annotations
@@ -154,8 +161,11 @@ def write_dicom_opt(
         (between B-scans, axial, lateral) in mm; axial and lateral must be > 0,
         the B-scan spacing >= 0 (0 is allowed for a single B-scan).
     laterality : {"OD", "OS"} or None
-        Written as ``Laterality``/``ImageLaterality``/``FrameLaterality`` R or L;
-        None writes ``ImageLaterality = "U"`` and an empty ``Laterality``.
+        Written as ``ImageLaterality`` (Ocular Region Imaged) and ``FrameLaterality``
+        (shared Frame Anatomy) R or L. The General Series ``Laterality`` is not
+        written: the IOD forbids it when ``ImageLaterality`` is present. None writes
+        ``"U"`` (unknown), which the OPT IOD does not define (R, L, B only; dciodvfy
+        reports it): pass the eye whenever it is known.
     patient_id : str
         The pseudonym to store as ``PatientID`` (at most 64 characters, no
         backslash). Never pass a real patient identifier.
@@ -211,7 +221,7 @@ def write_dicom_opt(
     path = check_writable(path, overwrite=overwrite)
 
     dz, axial, lateral = spacing
-    lat_code = _LATERALITY_TO_DICOM.get(laterality or "", "")
+    lat_code = _LATERALITY_TO_DICOM.get(laterality or "", "U")
     now = _dt.datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
     sop_uid = generate_uid()
@@ -246,7 +256,7 @@ def write_dicom_opt(
     ds.Modality = "OPT"
     ds.SeriesInstanceUID = series
     ds.SeriesNumber = 1
-    ds.Laterality = lat_code
+    # no General Series Laterality: the OPT IOD puts the eye in ImageLaterality/FrameLaterality
     # Frame of reference (nominal; see the module docstring)
     ds.FrameOfReferenceUID = generate_uid()
     ds.PositionReferenceIndicator = ""
@@ -267,6 +277,10 @@ def write_dicom_opt(
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
     ds.PresentationLUTShape = "IDENTITY"
+    # Type 1 with fixed values: the OPT IOD does not permit concatenations (PS3.3 C.8.17.7)
+    ds.ConcatenationFrameOffsetNumber = 0
+    ds.InConcatenationNumber = 1
+    ds.InConcatenationTotalNumber = 1
     # Ophthalmic tomography acquisition parameters (Type 2: unknown here)
     ds.EmmetropicMagnification = None
     ds.IntraOcularPressure = None
@@ -282,7 +296,7 @@ def write_dicom_opt(
     ds.AcquisitionContextSequence = Sequence()
     # Ocular region imaged
     ds.AnatomicRegionSequence = Sequence([_code("81745001", "SCT", "Eye")])
-    ds.ImageLaterality = lat_code or "U"
+    ds.ImageLaterality = lat_code
 
     # Multi-frame dimension: frames indexed by (StackID, InStackPositionNumber)
     dim_uid = generate_uid()
@@ -309,7 +323,7 @@ def write_dicom_opt(
     orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     anatomy = Dataset()
     anatomy.AnatomicRegionSequence = Sequence([_code("81745001", "SCT", "Eye")])
-    anatomy.FrameLaterality = lat_code or "U"
+    anatomy.FrameLaterality = lat_code
     shared = Dataset()
     shared.PixelMeasuresSequence = Sequence([measures])
     shared.PlaneOrientationSequence = Sequence([orientation])

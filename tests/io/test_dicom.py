@@ -99,7 +99,11 @@ def test_opt_header(tmp_path: Path, rng: np.random.Generator) -> None:
     assert ds.Modality == "OPT"
     assert int(ds.NumberOfFrames) == 3
     assert (ds.Rows, ds.Columns) == (40, 32)
-    assert ds.Laterality == "R" and ds.ImageLaterality == "R"
+    assert ds.ImageLaterality == "R" and "Laterality" not in ds  # the OPT IOD wants it per image, not per series
+    assert ds.SharedFunctionalGroupsSequence[0].FrameAnatomySequence[0].FrameLaterality == "R"
+    # one whole volume: the fixed values of the OPT IOD, which permits no concatenation
+    assert (ds.ConcatenationFrameOffsetNumber, ds.InConcatenationNumber, ds.InConcatenationTotalNumber) == (0, 1, 1)
+    assert "ConcatenationUID" not in ds
     assert ds.PhotometricInterpretation == "MONOCHROME2"
     assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation) == (8, 8, 7, 0)
     assert ds.StudyInstanceUID == study
