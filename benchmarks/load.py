@@ -15,7 +15,6 @@ Usage: python benchmarks/load.py [--n 200] [--workers 2] [--memory-limit 2GB] [-
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -102,11 +101,11 @@ def main() -> int:
         out, err = proc.communicate()
         wall = time.perf_counter() - t0
 
+        from octpipe.manifest import load_manifest
         from octpipe.store import complete_volumes
 
         complete = complete_volumes(store)
-        with open(store / "manifest.csv", newline="") as fh:
-            rows = list(csv.DictReader(fh))
+        rows = load_manifest(store.with_name(store.stem + "-manifest.csv"))  # the one with readable paths
         recorded = {r["path"] for r in rows}
         names = sorted(p.name for p in src.iterdir())
         missing = [n for n in names if not any(r.endswith(n) for r in recorded)]

@@ -57,6 +57,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from octpipe.manifest import load_manifest  # noqa: E402
 from octpipe.testing.realdata import shared_data  # noqa: E402
 
 OCTDL = "cohorts/code-world-ad_OpticIntel-OCT-Disease-Detection-System/dataset"
@@ -130,8 +131,7 @@ def octpipe_cmd(*args: str, threads: int | None = None) -> None:
 
 def manifest_ids(manifest: Path) -> dict[str, str]:
     """Source file name → volume id, from an ingest manifest."""
-    with open(manifest, newline="") as fh:
-        return {Path(r["path"]).name: r["volume_id"] for r in csv.DictReader(fh) if r["status"] in ("ok", "skipped")}
+    return {Path(r["path"]).name: r["volume_id"] for r in load_manifest(manifest) if r["status"] in ("ok", "skipped")}
 
 
 def stage_data(work: Path, data: Path, workers: int) -> dict:
@@ -393,9 +393,8 @@ def pixel_tables(rows: list[dict]) -> dict:
 
 def manifest_classes(manifest: Path) -> dict[str, str]:
     """Volume id → class folder name (OCTDL ``val/<CLASS>/``, Kermany ``val/<CLASS>/``)."""
-    with open(manifest, newline="") as fh:
-        return {r["volume_id"]: Path(r["path"]).parent.name.upper() for r in csv.DictReader(fh)
-                if r["status"] in ("ok", "skipped") and r["volume_id"]}
+    return {r["volume_id"]: Path(r["path"]).parent.name.upper() for r in load_manifest(manifest)
+            if r["status"] in ("ok", "skipped") and r["volume_id"]}
 
 
 def stage_evaluate(work: Path, data: Path, workers: int, threads: int) -> dict:
@@ -474,7 +473,7 @@ def figure_inputs(work: Path, data: Path, report: dict) -> list[tuple[str, Path,
     B-scans whose f-AnoGAN image score is the median of their class (typical cases).
     """
     chosen = []
-    out_rows = list(csv.DictReader(open(work / "outlines-manifest.csv", newline="")))
+    out_rows = load_manifest(work / "outlines-manifest.csv")
     best, best_area = None, -1
     for r in out_rows:
         if r["status"] not in ("ok", "skipped") or not r["path"].endswith(".jpg"):
@@ -489,8 +488,7 @@ def figure_inputs(work: Path, data: Path, report: dict) -> list[tuple[str, Path,
     src = data / OUTLINES
     chosen.append(("Kermany (Spectralis) with lesion outlines", best, src / "labels" / f"{best.resolve().stem}.txt"))
     rows = report["octdl-val"]["per_bscan"]
-    paths = {r["volume_id"]: r["path"] for r in csv.DictReader(open(work / "octdl-val-manifest.csv", newline=""))
-             if r["volume_id"]}
+    paths = {r["volume_id"]: r["path"] for r in load_manifest(work / "octdl-val-manifest.csv") if r["volume_id"]}
     for cls in ("AMD", "DME", "NO"):
         members = sorted((r for r in rows if r["class"] == cls), key=lambda r: r["f-AnoGAN"])
         mid = members[len(members) // 2]

@@ -222,8 +222,9 @@ def _export_stage(out: Path, phantom_dir: Path, store: Path, manifest: Path, ent
         summary["failures"].append(f"export: no bundled model at {BUNDLED_MODEL}")
         echo(f"[6/6] export: skipped, no bundled model at {BUNDLED_MODEL}")
         return {}
-    with open(manifest) as fh:
-        ingested = {row["path"]: row["volume_id"] for row in csv.DictReader(fh) if row.get("volume_id")}
+    from octpipe.manifest import load_manifest
+
+    ingested = {row["path"]: row["volume_id"] for row in load_manifest(manifest) if row.get("volume_id")}
     healthy = [e for e in entries if not json.loads((phantom_dir / e["truth_json"]).read_text())["diseased"]]
     diseased = [e for e in entries if e not in healthy]
     chosen = {}

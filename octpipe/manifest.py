@@ -55,18 +55,25 @@ def load_manifest(path: str | Path) -> list[dict[str, str]]:
     schema = manifest_schema()
     try:
         with open(path, newline="") as fh:
-            reader = csv.DictReader(fh)
-            columns = reader.fieldnames or []
-            rows = list(reader)
+            lines = list(fh)
+    except UnicodeDecodeError:
+        raise OctpipeError("not a manifest CSV (not text)", path) from None
     except OSError as exc:
         raise OctpipeError(f"cannot read manifest: {exc.strerror or exc}", path) from exc
+    skip = next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))  # the note on paths
+    reader = csv.DictReader(lines[skip:])
+    try:
+        columns = reader.fieldnames or []
+        rows = list(reader)
+    except csv.Error as exc:
+        raise OctpipeError(f"not a manifest CSV: {exc}", path) from exc
     required = list(schema["required"])
     if list(columns) != required:
         older = next((o for o in schema.get("x-octpipe-older-columns", []) if list(columns) == o["columns"]), None)
         if older is None:
             raise OctpipeError(f"manifest columns {columns} differ from {required}", path)
         rows = [{key: row.get(key) or "" for key in required} for row in rows]
-    for number, row in enumerate(rows, start=2):
+    for number, row in enumerate(rows, start=2 + skip):
         for key, rule in schema["properties"].items():
             value = row.get(key) or ""
             if "enum" in rule and value not in rule["enum"]:

@@ -18,7 +18,7 @@ import re
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple
@@ -335,7 +335,7 @@ def discover_inputs(sources: Sequence[str | Path], *, exclude: Sequence[str | Pa
         try:
             fmt = detect_format(path)
         except FormatError as exc:
-            rows.append(_row(path=rel, status="skipped", error=exc.reason))
+            rows.append(_row(path=rel, status="skipped", error=_sidecar_reason(path) or exc.reason))
             return None
         except OctpipeError as exc:
             rows.append(_row(path=rel, status="failed", error=exc.reason))
@@ -389,6 +389,20 @@ def discover_inputs(sources: Sequence[str | Path], *, exclude: Sequence[str | Pa
             inputs.extend(new_inputs)
             rows.extend(new_rows)
     return inputs, rows
+
+
+def _sidecar_reason(path: Path) -> str:
+    """Why a non-OCT file beside the inputs is skipped when it is octpipe's annotation of one.
+
+    >>> _sidecar_reason(Path("phantom-0001_truth.npz"))
+    'annotation sidecar (read with its volume)'
+    >>> _sidecar_reason(Path("notes.txt"))
+    ''
+    """
+    stem = path.name.removesuffix(".npz").removesuffix(".json")
+    if stem != path.name and stem.endswith("_truth"):
+        return "annotation sidecar (read with its volume)"
+    return ""
 
 
 def annotation_sidecar(path: str | Path) -> Path | None:
@@ -557,9 +571,85 @@ def ingest_one(item: InputFile, store: str, salt: str, complete: dict[tuple[str,
     return rows
 
 
-def _write_csv(path: Path, rows: Iterable[dict[str, object]]) -> None:
+def _stored_row(volume_id: str, attrs: Mapping[str, object]) -> dict[str, object]:
+    """The manifest row of a complete volume, rebuilt from its store attributes."""
+    shape = attrs.get("source_shape") or []
+    spacing = attrs.get("source_spacing_mm") or []
+    return _row(volume_id=volume_id, path=attrs.get("source", ""), sha256=attrs.get("sha256", ""),
+                format=attrs.get("format", ""), images=attrs.get("images", ""), series=attrs.get("series", 0),
+                shape="x".join(map(str, shape)), spacing_mm=";".join(f"{float(v):.6g}" for v in spacing),
+                spacing_source=attrs.get("spacing_source", ""), laterality=attrs.get("laterality") or "",
+                status="ok")
+
+
+def _describe_complete(store: Path, rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Rows skipped as already complete, with the volume's shape, spacing and laterality from the store."""
+    from octpipe.store import complete_volume_attrs
+
+    stored = complete_volume_attrs(store)
+    out = []
+    for r in rows:
+        vid = str(r.get("volume_id", ""))
+        if r["status"] == "skipped" and r["error"] == "already complete" and vid in stored:
+            r = dict(_stored_row(vid, stored[vid]), path=r["path"], status="skipped", error="already complete",
+                     seconds=r["seconds"])
+        out.append(r)
+    return out
+
+
+def _whole_store_manifest(store: Path, rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """The run's rows plus one row per complete volume it did not touch, so the manifest covers the store.
+
+    A volume written by an earlier run keeps that run's row (or, when the run was killed before
+    writing its manifest, a row rebuilt from the store); earlier failures of inputs not given
+    again are kept too.
+    """
+    from octpipe.manifest import load_manifest
+    from octpipe.store import complete_volume_attrs
+
+    stored = complete_volume_attrs(store)
+    try:
+        earlier = load_manifest(store / "manifest.csv") if (store / "manifest.csv").is_file() else []
+    except (OSError, ValueError, OctpipeError):  # an unreadable earlier manifest: rebuild from the store
+        earlier = []
+    earlier_ok = {r["volume_id"]: r for r in earlier if r.get("status") == "ok" and r.get("volume_id")}
+    seen = {str(r["volume_id"]) for r in rows if r.get("volume_id")}
+    paths = {str(r["path"]) for r in rows}
+    whole = list(rows)
+    whole += [earlier_ok.get(vid) or _stored_row(vid, a) for vid, a in stored.items() if vid not in seen]
+    whole += [r for r in earlier if r.get("status") != "ok" and r.get("path") not in paths
+              and r.get("volume_id", "") not in stored]
+    whole.sort(key=lambda r: (str(r["path"]), str(r["series"])))
+    return whole
+
+
+#: First line of the manifest beside the store: the one file that holds the source paths.
+PATHS_NOTE = ("# octpipe ingest manifest: the only file that maps volume ids to source paths (file and folder "
+              "names can carry patient names; the store and its exports record salted hashes). Keep it private.")
+
+
+def _readable_paths(manifest: Path, salt: str) -> dict[str, str]:
+    """``{hashed name: path}`` from an earlier manifest beside the store, so earlier volumes keep their paths."""
+    from octpipe.manifest import load_manifest
+
+    try:
+        rows = load_manifest(manifest) if manifest.is_file() else []
+    except (OSError, ValueError, OctpipeError):
+        return {}
+    return {hashed_path(r["path"], salt): r["path"] for r in rows if r.get("path")}
+
+
+def _with_paths(rows: Iterable[dict[str, object]], readable: Mapping[str, str]) -> list[dict[str, object]]:
+    """Rows with hashed names put back to the paths the user gave (for the manifest beside the store)."""
+    out = [dict(r, path=readable.get(str(r["path"]), r["path"])) for r in rows]
+    return sorted(out, key=lambda r: (str(r["path"]), str(r["series"])))
+
+
+def _write_csv(path: Path, rows: Iterable[dict[str, object]], *, comment: str = "") -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as fh:
+        if comment:
+            fh.write(comment + "\n")
         writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
@@ -579,7 +669,7 @@ def ingest(
     label: int | None = None,
     progress: bool = False,
     echo: Callable[[str], object] | None = None,
-    hash_paths: bool = False,
+    keep_paths: bool = False,
     images: str = "auto",
     spacing: Spacing | None = None,
 ) -> IngestResult:
@@ -613,10 +703,12 @@ def ingest(
         Show a progress bar.
     echo : callable, optional
         Receives one line per failed input as it happens.
-    hash_paths : bool, default False
-        Record :func:`hashed_path` names instead of the inputs' relative paths in the
-        manifest, the store's ``source`` attributes and the logs, for file or folder names
-        that carry patient names. Volumes stay traceable through their ``sha256``.
+    keep_paths : bool, default False
+        Record the inputs' relative paths in the store (its ``source`` attributes and
+        manifest copy) and the logs. By default these get :func:`hashed_path` names, since
+        file and folder names often carry patient names; the readable mapping from volume id
+        to source path is then written only to the manifest beside the store (``manifest``),
+        which says so in its first line. Volumes stay traceable through their ``sha256``.
     images : {"auto", "volume", "bscans"}
         How the B-scan images of a folder are taken (see :func:`discover_inputs`): one
         volume when their names are numbered in sequence (``auto``, default), always one
@@ -646,7 +738,7 @@ def ingest(
     with store_lock(store, command="ingest"):
         return _ingest_locked(sources, store, workers=workers, scheduler=scheduler, manifest=manifest,
                               overwrite=overwrite, memory_limit=memory_limit, config=config, label=label,
-                              progress=progress, echo=echo, hash_paths=hash_paths, images=images, spacing=spacing)
+                              progress=progress, echo=echo, keep_paths=keep_paths, images=images, spacing=spacing)
 
 
 def _ingest_locked(
@@ -662,7 +754,7 @@ def _ingest_locked(
     label: int | None = None,
     progress: bool = False,
     echo: Callable[[str], object] | None = None,
-    hash_paths: bool = False,
+    keep_paths: bool = False,
     images: str = "auto",
     spacing: Spacing | None = None,
 ) -> IngestResult:
@@ -673,15 +765,20 @@ def _ingest_locked(
     store = Path(store)
     root = open_store(store)
     salt = str(root.attrs["pseudonym_salt"])
-    inputs, rows = discover_inputs(sources, exclude=[store], images=images, cite_names=not hash_paths)
-    if hash_paths:  # file and folder names can carry patient names: record salted hashes instead
+    manifest_path = Path(manifest) if manifest else store.with_name(store.name.removesuffix(".zarr") + "-manifest.csv")
+    inputs, rows = discover_inputs(sources, exclude=[store], images=images, cite_names=keep_paths)
+    readable: dict[str, str] = {}  # hashed name -> the path given, for the manifest beside the store only
+    if not keep_paths:  # file and folder names can carry patient names: record salted hashes instead
+        readable = _readable_paths(manifest_path, salt)
+        readable.update({hashed_path(item.rel, salt): item.rel for item in inputs})
+        readable.update({hashed_path(str(r["path"]), salt): str(r["path"]) for r in rows})
         inputs = [replace(item, rel=hashed_path(item.rel, salt)) for item in inputs]
         for r in rows:
             r["path"] = hashed_path(str(r["path"]), salt)
     if echo:  # sources that are missing or unreadable fail before any task runs: say so too
         for r in rows:
             if r["status"] == "failed":
-                echo(f"failed: {r['path']}: {r['error']}")
+                echo(f"failed: {readable.get(str(r['path']), r['path'])}: {r['error']}")
     complete = complete_volumes(store)
     from octpipe.preprocess.prepare import PreprocessConfig
 
@@ -701,7 +798,7 @@ def _ingest_locked(
         if echo:
             for r in new_rows:
                 if r["status"] == "failed":
-                    echo(f"failed: {r['path']}: {r['error']}")
+                    echo(f"failed: {readable.get(str(r['path']), r['path'])}: {r['error']}")
         if bar is not None:
             bar.advance(task)
 
@@ -715,11 +812,12 @@ def _ingest_locked(
         if bar is not None:
             bar.stop()
 
+    rows = _describe_complete(store, rows)
     rows.sort(key=lambda r: (str(r["path"]), str(r["series"])))
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
-    _write_csv(store / "manifest.csv", rows)
-    manifest_path = Path(manifest) if manifest else store.with_name(store.name.removesuffix(".zarr") + "-manifest.csv")
-    _write_csv(manifest_path, rows)
+    whole = _whole_store_manifest(store, rows)
+    _write_csv(store / "manifest.csv", whole)
+    _write_csv(manifest_path, _with_paths(whole, readable), comment=PATHS_NOTE)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     logs = store / "logs"
     logs.mkdir(exist_ok=True)
@@ -731,14 +829,15 @@ def _ingest_locked(
         fh.write(f"# {counts} in {seconds} s\n")
     (logs / f"ingest-{stamp}.json").write_text(json.dumps({
         "command": "ingest", "octpipe_version": __version__, "git": git_hash(),
-        "config": {"sources": [hashed_path(str(s), salt) if hash_paths else str(s) for s in sources],
-                   "hash_paths": hash_paths, "store": str(store), "workers": workers,
+        "config": {"sources": [str(s) if keep_paths else hashed_path(str(s), salt) for s in sources],
+                   "keep_paths": keep_paths, "store": str(store), "workers": workers,
                    "scheduler": scheduler, "overwrite": overwrite, "memory_limit": memory_limit,
                    "label": label, "images": images, "spacing_mm": None if spacing is None else list(spacing),
                    "preprocess": config.to_dict()},
         "counts": counts, "seconds": seconds,
     }, indent=2))
-    return IngestResult(rows=rows, manifest=manifest_path, store=store, log=log, seconds=seconds, counts=counts)
+    return IngestResult(rows=_with_paths(rows, readable), manifest=manifest_path, store=store, log=log,
+                        seconds=seconds, counts=counts)
 
 
 def local_cluster(n_workers: int, *, memory_limit: str = "auto"):

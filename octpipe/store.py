@@ -41,6 +41,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -57,6 +58,8 @@ __all__ = [
     "open_store",
     "store_salt",
     "store_volume_id",
+    "complete_volume_attrs",
+    "open_patch_split",
     "complete_volumes",
     "write_volume",
     "read_volume_group",
@@ -127,17 +130,44 @@ def _read_attrs(group_dir: Path) -> dict:
     return meta.get("attributes", {}) if isinstance(meta, dict) else {}
 
 
-def complete_volumes(path: str | Path) -> dict[tuple[str, int], str]:
-    """``{(sha256, series): volume_id}`` for every complete volume in the store."""
-    out = {}
+def open_patch_split(store: str | Path, split: str, *, patch_size: int | None = None) -> Any:
+    """The Zarr group ``patches/<split>`` of a store (read-only), with one error when it is missing.
+
+    Parameters
+    ----------
+    store : path
+        The store.
+    split : str
+        The split's name (``train``, ``test`` or a ``--name`` of ``octpipe patches``).
+    patch_size : int, optional
+        The patch size a model expects: a split of other patches is refused in one line.
+    """
+    path = Path(store) / "patches" / split
+    if not (path / "zarr.json").exists():
+        raise OctpipeError(f"no patches/{split} in the store; run octpipe patches first", store)
+    group = zarr.open_group(str(path), mode="r")
+    shape = tuple(int(s) for s in group["x"].shape[1:])
+    if patch_size is not None and shape != (patch_size, patch_size):
+        raise OctpipeError(f"patches are {shape} pixels but the model expects {patch_size}×{patch_size}", store)
+    return group
+
+
+def complete_volume_attrs(path: str | Path) -> dict[str, dict]:
+    """``{volume_id: attributes}`` of every complete volume in the store, by volume id."""
     vol_dir = Path(path) / "volumes"
     if not vol_dir.is_dir():
-        return out
-    for child in vol_dir.iterdir():
+        return {}
+    out = {}
+    for child in sorted(vol_dir.iterdir()):
         attrs = _read_attrs(child)
         if attrs.get("status") == "complete" and "sha256" in attrs:
-            out[(attrs["sha256"], int(attrs.get("series", 0)))] = child.name
+            out[child.name] = attrs
     return out
+
+
+def complete_volumes(path: str | Path) -> dict[tuple[str, int], str]:
+    """``{(sha256, series): volume_id}`` for every complete volume in the store."""
+    return {(a["sha256"], int(a.get("series", 0))): vid for vid, a in complete_volume_attrs(path).items()}
 
 
 def volume_ids(path: str | Path) -> list[str]:

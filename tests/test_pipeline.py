@@ -76,10 +76,16 @@ def test_ingest_survives_bad_inputs_and_records_them(inputs, tmp_path):
     assert all("\n" not in str(r["error"]) for r in result.rows)
     assert result.counts["ok"] == 2
     assert len(volume_ids(store)) == 2
-    # the manifest is in the store and beside it
-    text = (store / "manifest.csv").read_text()
-    assert text == result.manifest.read_text()
+    # the manifest is in the store (salted hashes for paths) and beside it (the paths given, said on line 1)
+    from octpipe.manifest import load_manifest
+
+    inside, beside = load_manifest(store / "manifest.csv"), load_manifest(result.manifest)
     assert result.manifest == tmp_path / "s-manifest.csv"
+    assert result.manifest.read_text().startswith("# octpipe ingest manifest: the only file that maps")
+    assert sorted(r["volume_id"] for r in inside) == sorted(r["volume_id"] for r in beside)
+    assert all(r["path"].startswith("file-") for r in inside)
+    assert {r["path"] for r in beside} == {r["path"] for r in result.rows} and "src/a.vol" in {
+        r["path"] for r in beside}
 
 
 def test_stored_volume_is_normalised_with_its_metadata(tmp_path):
@@ -119,6 +125,43 @@ def test_rerun_skips_complete_and_overwrite_redoes(tmp_path):
     assert volume_ids(store) == [first.rows[0]["volume_id"]]
 
 
+def test_manifest_describes_the_whole_store_after_every_run(tmp_path):
+    """A rerun, a rerun with one source, and a run after a kill keep every volume's metadata."""
+    from octpipe.manifest import load_manifest
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        _vol(src / f"v{i}.vol", i + 1)
+    store = tmp_path / "s.zarr"
+    first = ingest([src], store, workers=0)
+    assert first.counts["ok"] == 3
+    full = {r["volume_id"]: r for r in load_manifest(tmp_path / "s-manifest.csv")}
+
+    def check(expect_status: dict[str, str]) -> None:
+        for path in (tmp_path / "s-manifest.csv", store / "manifest.csv"):
+            rows = {r["volume_id"]: r for r in load_manifest(path)}
+            assert set(rows) == set(full)
+            for vid, r in rows.items():
+                for col in ("shape", "spacing_mm", "spacing_source", "laterality", "sha256"):
+                    assert r[col] == full[vid][col] and r[col] != "", (col, r)
+                if path.parent == tmp_path:  # beside the store: the path as given (in/v1.vol, or v1.vol alone)
+                    assert full[vid]["path"].endswith(r["path"])
+                else:  # in the store: a salted hash
+                    assert r["path"].startswith("file-") and r["path"].endswith(".vol")
+                assert r["status"] == expect_status.get(vid, "ok")
+
+    ingest([src], store, workers=0)  # everything already complete
+    check(dict.fromkeys(full, "skipped"))
+    one = ingest([src / "v1.vol"], store, workers=0)  # one source of three
+    check({one.rows[0]["volume_id"]: "skipped"})
+    # a run killed before it wrote its manifest: the store, not the manifest, is the record
+    (store / "manifest.csv").unlink()
+    (tmp_path / "s-manifest.csv").unlink()
+    ingest([src], store, workers=0)  # the same sources again, as after a kill
+    check(dict.fromkeys(full, "skipped"))
+
+
 def test_half_written_volume_never_counts_as_complete(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
@@ -150,7 +193,7 @@ def test_dask_cluster_gives_the_same_store(tmp_path):
     for store in ("serial.zarr", "dask.zarr"):
         for vid in volume_ids(tmp_path / store):
             arrays, attrs = read_volume_group(tmp_path / store, vid)
-            by_src.setdefault(attrs["source"], []).append(arrays)
+            by_src.setdefault(attrs["sha256"], []).append(arrays)
     assert len(by_src) == 3
     for a, b in by_src.values():  # every stage's output: image, layers, flat, flatmap
         assert set(a) == set(b) >= {"image", "layers", "flat", "flatmap"}
@@ -444,8 +487,7 @@ def test_old_manifest_without_images_column_still_loads(inputs, tmp_path):
     from octpipe.manifest import load_manifest
 
     result = ingest([inputs], tmp_path / "s.zarr", workers=0)
-    with open(result.manifest, newline="") as fh:
-        current = list(csv.DictReader(fh))
+    current = load_manifest(result.manifest)
     old = tmp_path / "old.csv"
     old_columns = [c for c in current[0] if c != "images"]
     with open(old, "w", newline="") as fh:
@@ -489,7 +531,7 @@ def test_spacing_option_reaches_store_and_manifest(tmp_path, workers):
     assert attrs["spacing_mm"] == pytest.approx([0.24, 0.0039, 0.0226])
 
 
-def test_hash_paths_keeps_image_names_out_of_the_folder_decision(tmp_path):
+def test_hashed_paths_keep_image_names_out_of_the_folder_decision(tmp_path):
     from PIL import Image
 
     src = tmp_path / "src"
@@ -500,13 +542,14 @@ def test_hash_paths_keeps_image_names_out_of_the_folder_decision(tmp_path):
         Image.fromarray(bscan).save(src / "seq" / f"Doe_Jane_{k}.png")
     Image.fromarray(u8[0]).save(src / "loose" / "Roe_Rick_19450317.png")
     Image.fromarray(u8[1]).save(src / "loose" / "Poe_Edgar_19370519.png")
-    plain = ingest([src], tmp_path / "plain.zarr", workers=0)
+    plain = ingest([src], tmp_path / "plain.zarr", workers=0, keep_paths=True)
     reasons = {read_volume_group(tmp_path / "plain.zarr", r["volume_id"])[1]["images_reason"] for r in plain.rows}
-    assert "3 images of 256x248 numbered 1..3 (Doe_Jane_<n>.png)" in reasons  # names are quoted by default
-    result = ingest([src], tmp_path / "hashed.zarr", workers=0, hash_paths=True)
+    assert "3 images of 256x248 numbered 1..3 (Doe_Jane_<n>.png)" in reasons  # names quoted with --keep-paths
+    result = ingest([src], tmp_path / "hashed.zarr", workers=0, keep_paths=False)
     assert result.counts["ok"] == 3
     assert sorted(r["images"] for r in result.rows) == ["bscan", "bscan", "volume"]
-    written = [p for p in (tmp_path / "hashed.zarr").rglob("*") if p.is_file()] + [result.manifest]
+    written = [p for p in (tmp_path / "hashed.zarr").rglob("*") if p.is_file()]  # not the manifest beside it
+    assert b"Roe_Rick" in result.manifest.read_bytes()  # which alone maps ids to the paths given
     for path in written:
         data = path.read_bytes()
         # compressed pixel chunks are random bytes: a 3-letter name matches them by chance
@@ -517,3 +560,31 @@ def test_hash_paths_keeps_image_names_out_of_the_folder_decision(tmp_path):
             assert name not in data, (name, path)
     reasons = {read_volume_group(tmp_path / "hashed.zarr", r["volume_id"])[1]["images_reason"] for r in result.rows}
     assert reasons == {"3 images of 256x248 numbered 1..3", "names differ in more than a number"}
+
+
+def test_annotation_sidecars_are_not_reported_as_unsupported_files(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    ph = small_phantom(5, lesions="irf", shape=(3, 248, 256))
+    write_heyex_vol(src / "a.vol", ph.data, spacing_mm=ph.spacing_mm, laterality=ph.laterality,
+                    layers={"ILM": ph.ilm, "BM": ph.bm})
+    np.savez_compressed(src / "a_truth.npz", lesion_mask=ph.lesion_mask)
+    (src / "notes.txt").write_text("not OCT")
+    result = ingest([src], tmp_path / "s.zarr", workers=0)
+    reasons = {str(r["path"]).rsplit("/", 1)[-1]: r["error"] for r in result.rows}
+    assert reasons["a_truth.npz"] == "annotation sidecar (read with its volume)"
+    assert reasons["notes.txt"].startswith("not a supported OCT format")
+    assert result.counts["ok"] == 1
+
+
+def test_real_files_give_the_documented_flattened_height(tmp_path):
+    """README: ``flat`` is (z, 128, x') for every device and spacing (a fixed 3.87 µm grid)."""
+    src = REAL_DATA / "halirutan_spectralis-raw-data" / "test-data"
+    if not src.is_dir():
+        pytest.skip(f"{src} not present")
+    store = tmp_path / "real.zarr"
+    result = ingest([src], store, workers=0)
+    assert result.counts["ok"] >= 4
+    for vid in volume_ids(store):
+        arrays, attrs = read_volume_group(store, vid)
+        assert arrays["flat"].shape[1] == 128 and attrs["flatten"]["height"] == 128

@@ -124,32 +124,42 @@ def test_export_outputs_carry_no_identifiers(inputs, tmp_path, capsys):
     assert n_files > 40
 
 
-def test_hash_paths_keeps_names_in_file_names_out_of_store_manifest_and_logs(tmp_path, capsys):
-    """A file named after the patient, in a folder named after the patient id: --hash-paths hides both."""
+def test_names_in_file_names_stay_out_of_the_store_and_logs_by_default(tmp_path, capsys):
+    """A file named after the patient, in a folder named after the patient id: by default only the
+    manifest beside the store (which says so on its first line) maps volume ids to those paths."""
     from octpipe.io.heyex_vol import write_heyex_vol
+    from octpipe.manifest import load_manifest
 
     src = tmp_path / f"src_{ID['patient_id']}"
     ph = small_phantom(seed=12)
     name = f"{ID['last_name']}_{ID['first_name']}_{ID['birth_date'].replace('-', '')}.vol"
     write_heyex_vol(src / name, ph.data, spacing_mm=ph.spacing_mm, laterality=ph.laterality,
                     layers={"ILM": ph.ilm, "BM": ph.bm})
-    plain = tmp_path / "plain.zarr"
-    assert main(["--no-progress", "ingest", str(src), "-o", str(plain), "--workers", "0"]) == 0
-    capsys.readouterr()
-    # without the option the relative path is recorded, name and all (documented default)
-    assert find_identifiers([tmp_path / "plain-manifest.csv"], {"last_name": ID["last_name"]})
-    hashed = tmp_path / "hashed.zarr"
-    assert main(["--no-progress", "ingest", str(src), "-o", str(hashed), "--workers", "0", "--hash-paths"]) == 0
+    store = tmp_path / "default.zarr"
+    assert main(["--no-progress", "ingest", str(src), "-o", str(store), "--workers", "0"]) == 0
     out, err = capsys.readouterr()
-    assert_no_identifiers([hashed, tmp_path / "hashed-manifest.csv"], IDENTIFIERS,
-                          texts={"stdout": out.replace(str(tmp_path), ""), "stderr": err})
-    import csv
+    assert_no_identifiers([store], IDENTIFIERS, texts={"stdout": out.replace(str(tmp_path), ""), "stderr": err})
+    inside = [r for r in load_manifest(store / "manifest.csv") if r["volume_id"]]
+    assert len(inside) == 1 and inside[0]["path"].startswith("file-") and inside[0]["path"].endswith(".vol")
+    # the readable mapping: only beside the store, announced on its first line
+    beside = tmp_path / "default-manifest.csv"
+    assert beside.read_text().splitlines()[0].startswith("# octpipe ingest manifest: the only file that maps")
+    rows = [r for r in load_manifest(beside) if r["volume_id"]]
+    assert rows[0]["path"] == f"{src.name}/{name}" and rows[0]["volume_id"] == inside[0]["volume_id"]
+    # an export of the store carries the hashed name, never the file name
+    from tests.export.test_export import save_model_dir
 
-    with (tmp_path / "hashed-manifest.csv").open() as fh:
-        rows = [r for r in csv.DictReader(fh) if r["volume_id"]]
-    assert len(rows) == 1 and rows[0]["path"].startswith("file-") and rows[0]["path"].endswith(".vol")
-    # the same file gives the same hashed name on a rerun, which skips it
-    assert main(["--no-progress", "ingest", str(src), "-o", str(hashed), "--workers", "0", "--hash-paths"]) == 0
-    with (tmp_path / "hashed-manifest.csv").open() as fh:
-        again = [r for r in csv.DictReader(fh) if r["volume_id"]]
-    assert again[0]["path"] == rows[0]["path"] and again[0]["status"] == "skipped"
+    model = save_model_dir(tmp_path / "model", size=32)
+    assert main(["--no-progress", "export", str(store), "--model", str(model), "-o", str(tmp_path / "exports"),
+                 "--stride", "32", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert_no_identifiers([tmp_path / "exports"], IDENTIFIERS)
+    # the same file gives the same hashed name on a rerun, which skips it and keeps the readable path
+    assert main(["--no-progress", "ingest", str(src), "-o", str(store), "--workers", "0"]) == 0
+    again = [r for r in load_manifest(store / "manifest.csv") if r["volume_id"]]
+    assert again[0]["path"] == inside[0]["path"] and again[0]["status"] == "skipped"
+    assert [r for r in load_manifest(beside) if r["volume_id"]][0]["path"] == rows[0]["path"]
+    # --keep-paths records the relative path, name and all, as asked
+    kept = tmp_path / "kept.zarr"
+    assert main(["--no-progress", "ingest", str(src), "-o", str(kept), "--workers", "0", "--keep-paths"]) == 0
+    assert find_identifiers([kept / "manifest.csv"], {"last_name": ID["last_name"]})

@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
 
 from octpipe.cli import app, state
 from octpipe.cli.info import IMAGES_HELP, SPACING_HELP, images_option, spacing_option
+
+
+def memory_limit_option(text: str) -> str:
+    """``auto`` or a positive size (``2GB``, ``512MiB``, bytes); a usage error otherwise."""
+    if text == "auto":
+        return text
+    from dask.utils import parse_bytes
+
+    try:
+        size = parse_bytes(text)
+    except (ValueError, TypeError):
+        raise typer.BadParameter(f"needs auto or a size such as 2GB, got {text!r}", param_hint="--memory-limit") \
+            from None
+    if size <= 0:
+        raise typer.BadParameter(f"needs a size > 0, got {text!r}", param_hint="--memory-limit")
+    return text
+
+
+#: Largest lateral target spacing accepted, mm: coarser leaves a B-scan of a handful of A-scans.
+MAX_TARGET_SPACING_MM = 0.5
+
+
+def _target_spacing(value: float) -> float:
+    if not math.isfinite(value) or not 0 < value <= MAX_TARGET_SPACING_MM:
+        raise typer.BadParameter(f"needs a lateral spacing in mm, 0 < value <= {MAX_TARGET_SPACING_MM} "
+                                 f"(the paper's is 0.0226), got {value}", param_hint="--target-spacing")
+    return value
 
 
 def _percentiles(text: str | None) -> tuple[float, float] | None:
@@ -50,9 +78,10 @@ def ingest(
     no_vendor_layers: bool = typer.Option(False, "--no-vendor-layers", help="Always segment ILM/BM, even when "
                                                                             "the file has the device's layers."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo volumes that are already complete."),
-    hash_paths: bool = typer.Option(False, "--hash-paths", help="Record salted hashes instead of file paths in "
-                                                                "the store, manifest and logs (use when file or "
-                                                                "folder names carry patient names)."),
+    keep_paths: bool = typer.Option(False, "--keep-paths/--hash-paths",
+                                    help="Record the inputs' file paths in the store and logs. Default: salted "
+                                         "hashes there (file and folder names can carry patient names); the "
+                                         "readable paths go only to the manifest beside the store."),
     images: str = typer.Option("auto", "--images", help=IMAGES_HELP + " The manifest's images column says which "
                                                                       "was taken."),
     spacing_mm: str = typer.Option(None, "--spacing-mm", help=SPACING_HELP + " Applies to every input of the run."),
@@ -82,16 +111,22 @@ def ingest(
         raise typer.BadParameter(f"must be log or root4, got {display!r}", param_hint="--display")
     spacing = spacing_option(spacing_mm)
     images = images_option(images)
+    memory_limit = memory_limit_option(memory_limit)
+    target_spacing = _target_spacing(target_spacing)
     config = PreprocessConfig(display_transform=display, normalize_percentiles=_percentiles(robust), factor=factor,
                               target_spacing_mm=target_spacing, use_vendor_layers=not no_vendor_layers)
     result = run_ingest(sources, out, workers=workers, scheduler=scheduler, manifest=manifest,
                         overwrite=overwrite, memory_limit=memory_limit, config=config, label=labels[label],
                         progress=state["progress"], echo=(lambda line: typer.echo(line, err=True))
-                        if state["verbosity"] >= 0 else None, hash_paths=hash_paths, images=images,
+                        if state["verbosity"] >= 0 else None, keep_paths=keep_paths, images=images,
                         spacing=spacing)
     c = result.counts
     if state["verbosity"] >= 0:
         typer.echo(f"ingest: {c['ok']} written, {c['skipped']} skipped, {c['failed']} failed in {result.seconds} s; "
                    f"store {result.store}, manifest {result.manifest}")
     if not result.ok:
+        raise typer.Exit(1)
+    if not any(r["volume_id"] for r in result.rows):  # an empty folder, or one of other files only
+        names = ", ".join(str(s) for s in sources)
+        typer.echo(f"error: {names}: no OCT file found ({len(result.rows)} other files skipped)", err=True)
         raise typer.Exit(1)

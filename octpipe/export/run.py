@@ -105,8 +105,17 @@ class ExportResult:
     names: dict[str, str] = field(default_factory=dict)
 
 
+def _model_digest(run: Path | None) -> str | None:
+    """sha256 of the run's ``model.pt`` (which model made a map, without naming where it lay)."""
+    if run is None or not (run / "model.pt").is_file():
+        return None
+    from octpipe.io._common import file_sha256
+
+    return file_sha256(run / "model.pt")
+
+
 def model_identity(model: FAnoGANModel) -> dict[str, Any]:
-    """Model id, path and key configuration for sidecars and reports."""
+    """Model id, digest and key configuration for sidecars and reports (no file-system path)."""
     run = model.run_dir
     card = None
     if run is not None:
@@ -116,8 +125,8 @@ def model_identity(model: FAnoGANModel) -> dict[str, Any]:
                 break
     m = model.config.model
     return {
-        "id": run.name if run is not None else "in-memory",
-        "path": str(run) if run is not None else None,
+        "id": run.name if run is not None else "in-memory",  # the folder's name: a path can name its user
+        "sha256": _model_digest(run),
         "latent_dim": m.latent_dim, "dim": m.dim, "image_size": m.image_size, "kappa": model.kappa,
         "encoder_mode": model.config.encoder.mode,
         "calibration_n": None if model.calibration is None else model.calibration.get("n"),
@@ -183,13 +192,41 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]])
         w.writerows(rows)
 
 
+#: ``{source root: {sha256: DICOM file}}``, built once per root and process.
+_DICOM_BY_CONTENT: dict[Path, dict[str, Path]] = {}
+
+
+def _dicom_files_by_content(root: Path) -> dict[str, Path]:
+    """Every DICOM file under ``root`` by the sha256 of its bytes (the store's record of a source)."""
+    from octpipe.errors import OctpipeError
+    from octpipe.io._common import file_sha256
+    from octpipe.io.detect import detect_format
+
+    root = root.resolve()
+    if root not in _DICOM_BY_CONTENT:
+        found: dict[str, Path] = {}
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            try:
+                if detect_format(path).startswith("dicom"):
+                    found.setdefault(file_sha256(path), path)
+            except (OctpipeError, OSError):
+                continue
+        _DICOM_BY_CONTENT[root] = found
+    return _DICOM_BY_CONTENT[root]
+
+
 def _source_dicom(vol: VolumeInput, source_root: Path | None) -> Path | None:
-    """The source DICOM file, when the volume came from one and it can be found."""
+    """The source DICOM file, when the volume came from one and it can be found.
+
+    Under ``source_root`` the file is found by its content (the sha256 the store records), so
+    the folder given to ingest, its parent, or any folder holding the files works, and so does
+    a store whose paths are hashed.
+    """
     if not str(vol.attrs.get("format") or "").startswith("dicom"):
         return None
     src = vol.attrs.get("source_path")
-    if src is None and source_root is not None and vol.attrs.get("source"):
-        src = source_root / vol.attrs["source"]
+    if src is None and source_root is not None:
+        src = _dicom_files_by_content(Path(source_root)).get(str(vol.attrs.get("sha256", "")))
     return Path(src) if src and Path(src).is_file() else None
 
 
@@ -853,7 +890,27 @@ def export_store(store: str | Path, model_dir: str | Path, out_dir: str | Path, 
         result.notes.append(f"{len(mismatch)} volume(s) were preprocessed differently from the model's training "
                             f"data (allowed): {'; '.join(next(iter(mismatch.values())))}")
     result.notes.extend(_model_notes(model))
+    result.notes.extend(_dicom_source_notes(store, chosen, source_root))
     return result
+
+
+def _dicom_source_notes(store: str | Path, chosen: list[str], source_root: str | Path | None) -> list[str]:
+    """Say when DICOM-sourced volumes get Secondary Capture because their source file was not found."""
+    from octpipe.store import read_volume_attrs
+
+    attrs = {v: read_volume_attrs(store, v) for v in chosen}
+    dicom = [v for v, a in attrs.items() if str(a.get("format") or "").startswith("dicom") and not a.get("source_path")]
+    if not dicom:
+        return []
+    if source_root is None:
+        return [f"{len(dicom)} volume(s) came from DICOM: pass --source-root (the folder given to ingest) for a "
+                "Parametric Map and Segmentation that reference the source; Secondary Capture written instead"]
+    index = _dicom_files_by_content(Path(source_root))
+    missing = [v for v in dicom if str(attrs[v].get("sha256", "")) not in index]
+    if not missing:
+        return []
+    return [f"{len(missing)} DICOM source(s) not found under --source-root (looked up by content); Secondary "
+            "Capture written for them instead"]
 
 
 @contextmanager

@@ -135,7 +135,9 @@ def test_parametric_map_round_trips_the_map_per_source_frame(exported):
     np.testing.assert_array_equal(got, amap)  # float32 is stored as float32: exact
     assert pm.ContentQualification == "RESEARCH"
     assert pm.ContentLabel == "ANOMALY"
-    assert pm.Laterality == "R"
+    assert pm.ImageLaterality == "R" and "Laterality" not in pm  # the eye is per image/frame, not per series
+    anatomy = pm.SharedFunctionalGroupsSequence[0].FrameAnatomySequence[0]
+    assert anatomy.FrameLaterality == "R" and anatomy.AnatomicRegionSequence[0].CodeValue == "81745001"
     mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
     assert mapping.MeasurementUnitsCodeSequence[0].CodeValue == "{z}"
     assert mapping.MeasurementUnitsCodeSequence[0].CodingSchemeDesignator == "UCUM"
@@ -155,6 +157,8 @@ def test_segmentation_marks_exactly_the_voxels_at_or_above_threshold(exported):
     assert segment.SegmentLabel == "Anomaly"
     assert segment.SegmentAlgorithmType == "AUTOMATIC"
     assert segment.SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "octpipe f-AnoGAN"
+    region = segment.AnatomicRegionSequence[0]
+    assert region.CodeValue == "5665001" and region.AnatomicRegionModifierSequence[0].CodeValue == "24028007"  # right
 
 
 def test_map_and_segmentation_reference_the_deidentified_source(exported):
@@ -202,7 +206,7 @@ def test_reexport_keeps_the_uids_and_takes_the_source_laterality(exported, sourc
     for first, second in zip(result.paths, again.paths, strict=True):
         a, b = pydicom.dcmread(first), pydicom.dcmread(second)
         assert [a.get(k) for k in keys] == [b.get(k) for k in keys], first.name
-        assert b.Laterality == "R", first.name
+        assert b.ImageLaterality == "R" and "Laterality" not in b, first.name
 
 
 def test_frames_follow_in_stack_position_not_file_order(volume, tmp_path):
@@ -270,7 +274,7 @@ def test_non_dicom_source_falls_back_to_secondary_capture(tmp_path, caplog):
         assert ds.BurnedInAnnotation == "YES"
         assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
         assert ds.PatientID == PSEUDONYM and not ds.PatientName and not ds.get("PatientBirthDate")
-        assert ds.Laterality == "L" and ds.ImageLaterality == "L"
+        assert ds.ImageLaterality == "L" and "Laterality" not in ds
         assert ds.InstanceNumber == i + 1
         series.add(ds.SeriesInstanceUID)
         hd.imread(path)
@@ -300,7 +304,7 @@ def test_unusable_dicom_source_falls_back_with_a_reason(source, tmp_path, damage
     elif damage in ("no-frame-of-reference", "other-eye"):
         ds = pydicom.dcmread(source)
         if damage == "other-eye":
-            ds.Laterality = ds.ImageLaterality = "L"
+            ds.ImageLaterality = "L"
         else:
             del ds.FrameOfReferenceUID
         ds.save_as(path)
@@ -338,3 +342,32 @@ def test_malformed_arguments_raise_value_error(tmp_path, change, match):
                   laterality="OD", pseudonym=PSEUDONYM)
     with pytest.raises(ValueError, match=match):
         write_dicom_exports(tmp_path, **(kwargs | change))
+
+
+def test_store_export_finds_dicom_sources_by_content_under_the_folder_given_to_ingest(tmp_path, capsys):
+    """--source-root as its help says (the folder given to ingest) works with the default hashed paths;
+    without it the Secondary Capture fallback is said in a note, not silent."""
+    import numpy as np
+
+    from octpipe.cli import main
+    from octpipe.io.dicom import write_dicom_opt
+    from octpipe.preprocess.intensity import linear_to_display
+    from tests.conftest import small_phantom
+    from tests.export.test_export import save_model_dir
+
+    ph = small_phantom(seed=21)
+    src = tmp_path / "exports from the device"
+    write_dicom_opt(src / "b.dcm", np.round(linear_to_display(ph.data) * 255).astype(np.uint8),
+                    spacing_mm=ph.spacing_mm, laterality=ph.laterality, patient_id="P-1")
+    store = tmp_path / "s.zarr"
+    assert main(["--no-progress", "ingest", str(src), "-o", str(store), "--workers", "0"]) == 0
+    model = save_model_dir(tmp_path / "model", size=32)
+    common = ["--model", str(model), "--stride", "32", "--device", "cpu"]
+    assert main(["--no-progress", "export", str(store), "-o", str(tmp_path / "with"), "--source-root", str(src),
+                 *common]) == 0
+    assert list((tmp_path / "with").glob("*/dicom/anomaly-seg.dcm"))
+    assert not list((tmp_path / "with").glob("*/dicom/overlays-sc-*.dcm"))
+    capsys.readouterr()
+    assert main(["--no-progress", "export", str(store), "-o", str(tmp_path / "without"), *common]) == 0
+    assert "came from DICOM: pass --source-root" in capsys.readouterr().err
+    assert list((tmp_path / "without").glob("*/dicom/overlays-sc-*.dcm"))
