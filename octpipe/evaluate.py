@@ -354,16 +354,12 @@ def evaluate_run(store: str | Path, run: str | Path, *, split: str = "test", bat
     OctpipeError
         If the split is missing.
     """
-    import zarr
-
     from octpipe.models.fanogan.checkpoint import load_run
     from octpipe.models.fanogan.score import SCORE_NAMES, pixel_residual, score_patches
+    from octpipe.store import open_patch_split
 
-    path = Path(store) / "patches" / split
-    if not (path / "zarr.json").exists():
-        raise OctpipeError(f"no patches/{split} in the store; run octpipe patches first", store)
-    group = zarr.open_group(str(path), mode="r")
     model = load_run(run)
+    group = open_patch_split(store, split, patch_size=model.image_size)
     x = np.asarray(group["x"][...], dtype=np.float32)[:, None]
     labels = np.asarray(group["label"][...])
     s = score_patches(model, x, batch_size=batch_size, device=device)

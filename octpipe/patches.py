@@ -159,6 +159,19 @@ def _volume_patches(store: str, volume_id: str, split: str, patch: int, stride: 
     return {"x": x, "index": index.astype(np.int32), "label": label, "mask": mask}
 
 
+def _check_patch_memory(store: Path, k: int, n_bscans: int, patch: int, itemsize: int) -> None:
+    """Refuse a ``k`` whose patches of one volume (held in memory at once) exceed half the RAM."""
+    need = k * n_bscans * patch * patch * (itemsize + 1)  # the patches, and a mask of each at most
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: no bound known
+        return
+    if need > ram / 2:
+        raise OctpipeError(f"k={k} patches per B-scan need {need / 2**30:.1f} GiB in memory for one volume of "
+                           f"{n_bscans} B-scans (half this machine's {ram / 2**30:.1f} GiB is the limit); "
+                           "lower --k", store)
+
+
 @dataclass
 class PatchSplitResult:
     """What :func:`write_patch_split` wrote."""
@@ -292,6 +305,8 @@ def _write_patch_split_locked(store: Path, split: str, *, patch: int, stride: in
     first = zarr.open_group(str(store / "volumes" / vids[0]), mode="r")["flat"]
     if patch > first.shape[1] or patch > first.shape[2]:
         raise OctpipeError(f"patch size {patch} is larger than the flattened area {first.shape[1:]}", store)
+    if split == "train":
+        _check_patch_memory(store, k, first.shape[0], patch, np.dtype(dtype).itemsize)
 
     from octpipe.store import FAST_ZSTD
 

@@ -41,3 +41,17 @@ def test_demo_command_refuses_existing_output(tmp_path, capsys):
     (tmp_path / "x").mkdir()
     assert main(["demo", "-o", str(tmp_path / "x")]) == 1
     assert "exists" in capsys.readouterr().err
+
+
+def test_demo_overwrite_never_removes_a_folder_it_did_not_write(tmp_path, capsys):
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("keep")
+    assert main(["demo", "-o", str(mine), "--overwrite"]) == 1
+    assert "not a folder octpipe demo wrote" in capsys.readouterr().err
+    assert (mine / "chapter1.tex").read_text() == "keep"
+
+
+def test_demo_help_names_the_export_stage(capsys):
+    assert main(["demo", "--help"]) == 0
+    assert "anomaly export" in capsys.readouterr().out

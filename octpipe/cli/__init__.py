@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 import typer
 
@@ -61,6 +62,29 @@ from octpipe.cli import score as _score  # noqa: E402,F401
 from octpipe.cli import train as _train  # noqa: E402,F401
 
 
+def _os_error_line(exc: OSError) -> str:
+    """``PATH: reason`` for a file-system error (errno text, e.g. "Read-only file system").
+
+    >>> _os_error_line(OSError(30, "Read-only file system", "out/store.zarr"))
+    'out/store.zarr: cannot write: Read-only file system'
+    >>> _os_error_line(FileNotFoundError(2, "No such file or directory", "a.vol"))
+    'a.vol: No such file or directory'
+    """
+    import errno
+
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+        reason = f"cannot write: {reason}"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        reason = "permission denied"
+    if exc.filename is None:
+        return reason
+    path = Path(exc.filename)
+    if path.name.startswith(".") and "tmp" in path.name:  # a staging file: name the folder it was going to
+        path = path.parent
+    return f"{path}: {reason}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return its exit code (testable entry point).
 
@@ -91,6 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("error: interrupted", err=True)
         code = 130
+    except OSError as exc:  # the file system said no (read-only, no permission, disk full): name the path
+        if state["verbosity"] > 0:
+            traceback.print_exc()
+        typer.echo(f"error: {_os_error_line(exc)}", err=True)
+        code = 1
     except Exception as exc:  # the floor: commands raise OctpipeError for every input they foresee
         if state["verbosity"] > 0:
             traceback.print_exc()

@@ -11,6 +11,9 @@ import typer
 
 from octpipe.cli import app, state
 
+#: The file that marks a folder as the demo's own (so --overwrite never removes a user's folder).
+DEMO_MARK = ".octpipe-demo"
+
 
 @app.command()
 def demo(
@@ -21,10 +24,12 @@ def demo(
 ) -> None:
     """Run every pipeline stage that exists on a small phantom cohort and print where the outputs are.
 
-    Stages now: phantom cohort in four vendor formats -> read back with octpipe's readers
-    and check geometry against the truth -> Dask ingest with the paper's preprocessing
+    Stages: phantom cohort in four vendor formats -> read back with octpipe's readers and
+    check geometry against the truth -> Dask ingest with the paper's preprocessing
     (normalise, downsample, ILM/BM, flatten) into a Zarr store -> train/test patch
-    datasets -> figure of a phantom B-scan with its truth.
+    datasets -> figure of a phantom B-scan with its truth -> anomaly export (maps, DICOM,
+    NIfTI, report, screening index) of a healthy and a diseased phantom with the bundled
+    model.
 
     Example: octpipe demo -o demo-output
     """
@@ -34,7 +39,12 @@ def demo(
     if out.exists():
         if not overwrite:
             raise OctpipeError("output exists; pass --overwrite to replace it", out)
+        if not out.is_dir() or (any(out.iterdir()) and not (out / DEMO_MARK).is_file()):
+            raise OctpipeError("not a folder octpipe demo wrote; --overwrite replaces only an earlier demo's "
+                               "folder", out)
         shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / DEMO_MARK).write_text("written by octpipe demo; octpipe demo --overwrite may replace this folder\n")
     t0 = time.perf_counter()
     summary = run_demo(out, n=n, seed=seed, progress=state["progress"], echo=typer.echo)
     summary["wall_s"] = round(time.perf_counter() - t0, 1)

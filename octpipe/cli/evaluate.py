@@ -52,7 +52,11 @@ def evaluate(
         table = read_scores_csv(scores)
         source = str(scores)
     else:
-        table, _, pix = evaluate_run(store, model, split=split, pixel=pixel, max_pixels=max_pixels, device=device)
+        try:
+            table, _, pix = evaluate_run(store, model, split=split, pixel=pixel, max_pixels=max_pixels,
+                                         device=device)
+        except ValueError as exc:  # e.g. a split with only normal (or only anomalous) patches
+            raise OctpipeError(f"patches/{split}: {exc}", store) from None
         source = f"{store} ({split}) scored by {model}"
     names = list(score) if score else [n for n in ("A", "A_R", "A_D") if n in table]
     missing = [n for n in names if n not in table]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
@@ -23,9 +24,8 @@ def export(
     stride: int = typer.Option(16, "--stride", min=1, help="Window step in pixels. Default 16."),
     weighting: str = typer.Option("gaussian", "--weighting", help="Window merge weights: gaussian (default), "
                                                                   "hann or constant."),
-    threshold: float = typer.Option(3.0, "--threshold", min=0.0, help="Residual, in units of the normal RMS "
-                                                                      "residual, above which voxels are segmented. "
-                                                                      "Default 3."),
+    threshold: float = typer.Option(3.0, "--threshold", help="Residual, in units of the normal RMS residual, "
+                                                              "above which voxels are segmented; > 0. Default 3."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Windows per forward pass. Default 256."),
     device: str = typer.Option("auto", "--device", help="auto (default; CUDA when available), cpu or cuda."),
     precision: str = typer.Option("auto", "--precision", help="auto (default: bf16 on CUDA and on CPUs with "
@@ -66,6 +66,8 @@ def export(
         raise typer.BadParameter(f"must be auto, cpu or cuda, got {device!r}", param_hint="--device")
     if precision not in ("auto", "fp32", "tf32", "bf16"):
         raise typer.BadParameter(f"must be auto, fp32, tf32 or bf16, got {precision!r}", param_hint="--precision")
+    if not math.isfinite(threshold) or threshold <= 0:
+        raise typer.BadParameter(f"must be a number > 0, got {threshold}", param_hint="--threshold")
     spacing = spacing_option(spacing_mm)
     images = images_option(images)
     if not source.exists():

@@ -15,9 +15,9 @@ from octpipe.cli.info import SPACING_HELP, spacing_option
 def layers(
     file: Path = typer.Argument(..., help="An OCT file (any supported format)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .npz with ilm, bm (n_bscans, n_ascans) and qc."),
-    use_vendor: bool = typer.Option(False, "--use-vendor/--no-use-vendor",
-                                    help="Use the device's ILM/BM when present and plausible. Default: "
-                                         "octpipe's segmentation."),
+    use_vendor: bool = typer.Option(True, "--use-vendor/--no-use-vendor",
+                                    help="Use the device's ILM/BM when present and plausible (the default, as "
+                                         "in ingest); --no-use-vendor always runs octpipe's segmentation."),
     series: int = typer.Option(0, "--series", min=0, help="Series of a multi-series file. Default 0."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     spacing_mm: str = typer.Option(None, "--spacing-mm", help=SPACING_HELP),
@@ -38,6 +38,8 @@ def layers(
     from octpipe.volume import override_spacing
 
     spacing = spacing_option(spacing_mm)
+    if out.is_dir():
+        raise OctpipeError("is a folder; -o takes the output .npz file", out)
     if out.exists() and not overwrite:
         raise OctpipeError("output exists; pass --overwrite to replace it", out)
     if not file.exists():
@@ -51,7 +53,10 @@ def layers(
     np.savez_compressed(tmp, ilm=result.ilm, bm=result.bm, qc=np.array(qc),
                         spacing_mm=np.asarray(vol.spacing_mm, dtype=np.float64),
                         spacing_source=np.array(vol.spacing_source))
-    tmp.replace(out)
+    try:
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     if state["verbosity"] >= 0:
         flags = ", ".join(result.qc.get("flags", [])) or "none"
         typer.echo(f"{file.name}: ILM/BM for {result.ilm.shape[0]} B-scans x {result.ilm.shape[1]} A-scans "

@@ -53,6 +53,10 @@ def train(
         raise typer.BadParameter(f"must be auto, cpu or cuda, got {device!r}", param_hint="--device")
     if precision is not None and precision not in ("auto", "fp32", "tf32", "bf16"):
         raise typer.BadParameter(f"must be auto, fp32, tf32 or bf16, got {precision!r}", param_hint="--precision")
+    if out.exists() and not out.is_dir():
+        from octpipe.errors import OctpipeError
+
+        raise OctpipeError("is a file, not a run folder", out)
     saved = out / "config.yaml"
     if config is not None:
         cfg = load_config(config)

@@ -15,18 +15,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from octpipe.errors import OctpipeError
-
 __all__ = ["PatchDataset", "ChunkedPatchStream"]
 
 
 def _open_split(store: Path, split: str):
-    import zarr
+    from octpipe.store import open_patch_split
 
-    path = store / "patches" / split
-    if not (path / "zarr.json").exists():
-        raise OctpipeError(f"no patches/{split} in the store; run octpipe patches first", store)
-    return zarr.open_group(str(path), mode="r")
+    return open_patch_split(store, split)
 
 
 class PatchDataset(Dataset):

@@ -81,7 +81,7 @@ _POSITIVE = (
 )
 _FRACTIONS = (
     "bm_gate_low", "bm_gate_high", "qc_min_thickness_ok_fraction", "qc_max_inpainted_fraction",
-    "vendor_min_finite_fraction",
+    "vendor_min_finite_fraction", "qc_max_border_fraction",
 )
 
 
@@ -167,6 +167,11 @@ class LayerParams:
         Below this fraction of plausible thickness, flag ``thickness_out_of_range``.
     qc_max_inpainted_fraction : float
         Above this fraction of inpainted A-scans, flag ``ilm_inpainted``/``bm_inpainted``.
+    qc_max_border_fraction : float
+        Above this fraction of A-scans whose ILM lies on the top rows (or BM on the bottom
+        rows) of the image, flag ``ilm_at_border``/``bm_at_border``: the retina runs out of
+        the scanned window (a cupped disc, a wrap-around, a crop), where the surface found is
+        the image's edge rather than the anatomy.
     qc_min_ilm_contrast, qc_min_bm_contrast : float
         Below this median step across the surface, relative to the image's range (99th
         minus 20th percentile), flag ``no_retina`` (ILM) or ``bm_low_contrast`` (BM).
@@ -238,6 +243,7 @@ class LayerParams:
     display_method: Literal["log", "root4"] = "log"
     qc_min_thickness_ok_fraction: float = 0.9
     qc_max_inpainted_fraction: float = 0.2
+    qc_max_border_fraction: float = 0.05
     qc_min_ilm_contrast: float = 0.2
     qc_min_bm_contrast: float = 0.08
     vendor_min_finite_fraction: float = 0.8
@@ -930,8 +936,8 @@ def layer_qc(
         ``contrast`` (median step in display units: below − above the ILM, above −
         below BM), ``relative_contrast`` (the same over the image's 20th-99th
         percentile range, which the flags use) and ``flags``: ``no_retina``, ``bm_low_contrast``,
-        ``thickness_out_of_range``, ``ilm_inpainted``, ``bm_inpainted``,
-        ``missing_values``.
+        ``thickness_out_of_range``, ``ilm_inpainted``, ``bm_inpainted``, ``ilm_at_border``,
+        ``bm_at_border``, ``missing_values``; ``border_fraction`` per surface.
 
     Examples
     --------
@@ -979,16 +985,25 @@ def layer_qc(
     if ok_frac < p.qc_min_thickness_ok_fraction:
         flags.append("thickness_out_of_range")
     flags.extend(f"{name}_inpainted" for name in ("ilm", "bm") if inp.get(name, 0.0) > p.qc_max_inpainted_fraction)
+    border = {"ilm": _fraction(ilm <= 1.5), "bm": _fraction(bm >= ny - 2.5)}  # on the first/last two rows
+    flags.extend(f"{name}_at_border" for name in ("ilm", "bm") if border[name] > p.qc_max_border_fraction)
     if not (np.isfinite(ilm).all() and np.isfinite(bm).all()):
         flags.append("missing_values")
     return {
         "thickness_ok_fraction": ok_frac,
+        "border_fraction": border,
+        "rows": ny,
         "thickness_um": _median(thick),
         "inpainted_fraction": inp,
         "contrast": contrast,
         "relative_contrast": relative,
         "flags": flags,
     }
+
+
+def _fraction(mask: np.ndarray) -> float:
+    """Mean of a boolean array, 0.0 when empty (NaN comparisons count as False)."""
+    return float(mask.mean()) if mask.size else 0.0
 
 
 def choose_layers(
@@ -1087,10 +1102,14 @@ def choose_layers(
     qc["thickness_ok_fraction"] = float(np.mean((thick_all >= p.min_thickness_um) & (thick_all <= p.max_thickness_um)))
     qc["thickness_um"] = _median(thick_all)
     # flags of our own surfaces stay (they describe the image); those of the surfaces are redone
-    redone = ("thickness_out_of_range", "ilm_inpainted", "bm_inpainted", "missing_values")
+    redone = ("thickness_out_of_range", "ilm_inpainted", "bm_inpainted", "missing_values", "ilm_at_border",
+              "bm_at_border")
     flags = [f for f in result.qc.get("flags", []) if f not in redone]
     if qc["thickness_ok_fraction"] < p.qc_min_thickness_ok_fraction:
         flags.append("thickness_out_of_range")
+    if "rows" in qc:
+        qc["border_fraction"] = {"ilm": _fraction(ilm <= 1.5), "bm": _fraction(bm >= qc["rows"] - 2.5)}
+        flags.extend(f"{n}_at_border" for n in ("ilm", "bm") if qc["border_fraction"][n] > p.qc_max_border_fraction)
     flags.extend(f"{n}_inpainted" for n in ("ilm", "bm") if qc["inpainted_fraction"][n] > p.qc_max_inpainted_fraction)
     if not (np.isfinite(ilm).all() and np.isfinite(bm).all()):
         flags.append("missing_values")

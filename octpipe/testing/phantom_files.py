@@ -126,7 +126,7 @@ def write_cohort(phantoms: Iterable[Phantom], out_dir: str | Path, *, formats: S
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / "manifest.csv"
     if manifest.exists() and not overwrite:
-        raise OctpipeError("output exists; pass --overwrite to replace it", manifest)
+        raise OctpipeError("holds an earlier cohort; pass --overwrite to replace it", out)
     rows = []
     items = phantoms
     if progress:

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from octpipe.cli import main
 from octpipe.io.heyex_vol import write_heyex_vol
@@ -25,7 +26,23 @@ def test_layers_command_writes_source_geometry_rows(tmp_path, capsys):
 def test_layers_command_can_use_the_device_layers(real_data, tmp_path):
     path = real_data / "halirutan_spectralis-raw-data/test-data/Willis_B_716_0.vol"
     out = tmp_path / "l.npz"
-    assert main(["layers", str(path), "-o", str(out), "--use-vendor"]) == 0
+    assert main(["layers", str(path), "-o", str(out)]) == 0  # the default, as in ingest
     with np.load(out) as data:
         qc = json.loads(str(data["qc"]))
     assert qc["source"] == "vendor"
+    assert main(["layers", str(path), "-o", str(out), "--no-use-vendor", "--overwrite"]) == 0
+    with np.load(out) as data:
+        assert json.loads(str(data["qc"]))["source"] == "octpipe"
+
+
+def test_a_retina_running_out_of_the_window_is_flagged(real_data, tmp_path, capsys):
+    """valid.vol: a circle scan through a cupped disc; the ILM found lies on the top rows on about a
+    sixth of the A-scans (the image's edge, not the anatomy): the QC flags say so."""
+    path = real_data / "halirutan_spectralis-raw-data/test-data/valid.vol"
+    out = tmp_path / "l.npz"
+    assert main(["layers", str(path), "-o", str(out)]) == 0
+    assert "QC flags: ilm_at_border" in capsys.readouterr().out
+    with np.load(out) as data:
+        qc = json.loads(str(data["qc"]))
+        assert qc["border_fraction"]["ilm"] == pytest.approx(float(np.mean(data["ilm"] <= 1.5)))
+    assert qc["border_fraction"]["ilm"] > 0.1

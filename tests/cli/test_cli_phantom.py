@@ -23,7 +23,7 @@ def test_phantom_command_refuses_to_overwrite(tmp_path, capsys):
     assert main(args) == 0
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and "exists" in err[0]
+    assert len(err) == 1 and err[0].startswith("error:") and "holds an earlier cohort" in err[0]
     assert main([*args, "--overwrite"]) == 0
 
 

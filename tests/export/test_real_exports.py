@@ -81,3 +81,21 @@ def test_export_succeeds_or_fails_in_one_line(source, tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert sum(r["status"] == "failed" for r in rows) == len(failed)
     assert sum(r["status"] == "ok" for r in rows) == len(done)
+
+
+SPECTRALIS_LINE = REAL_DATA / "halirutan_spectralis-raw-data" / "test-data" / "Willis_B_716_0.vol"
+
+
+@pytest.mark.skipif(not SPECTRALIS_LINE.is_file(), reason=f"{SPECTRALIS_LINE} not present")
+def test_single_bscan_spectralis_vol_exports_as_file_and_from_a_store(tmp_path, capsys):
+    """The README's example file: one B-scan, B-scan spacing 0 in the header; both routes export it."""
+    common = ["--model", str(BUNDLED), "--workers", "0", "--device", "cpu"]
+    assert main(["--no-progress", "export", str(SPECTRALIS_LINE), "-o", str(tmp_path / "file"), *common]) == 0
+    assert len(list((tmp_path / "file").glob(f"*/{SUMMARY_NAME}"))) == 1
+    store = tmp_path / "s.zarr"
+    assert main(["--no-progress", "ingest", str(SPECTRALIS_LINE), "-o", str(store), "--workers", "0"]) == 0
+    assert main(["--no-progress", "export", str(store), "-o", str(tmp_path / "store"), *common]) == 0
+    with (tmp_path / "store" / "index.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["ok"], rows
+    assert "Traceback" not in capsys.readouterr().err

@@ -18,8 +18,6 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from octpipe.errors import OctpipeError
-
 __all__ = [
     "BaselineConfig",
     "PatchData",
@@ -173,12 +171,9 @@ def load_patches(data: PatchData, *, split: str = "train", max_patches: int = 0,
     (3, 32, 32)
     """
     if isinstance(data, str | Path):
-        import zarr
+        from octpipe.store import open_patch_split
 
-        path = Path(data) / "patches" / split
-        if not (path / "zarr.json").exists():
-            raise OctpipeError(f"no patches/{split} in the store; run octpipe patches first", data)
-        xs = zarr.open_group(str(path), mode="r")["x"]
+        xs = open_patch_split(data, split)["x"]
         n = int(xs.shape[0])
         if max_patches and n > max_patches:
             keep = np.sort(np.random.default_rng(seed).choice(n, max_patches, replace=False))

@@ -44,6 +44,7 @@ import torch
 from octpipe.errors import ConfigError, OctpipeError
 from octpipe.models.fanogan.checkpoint import FAnoGANModel, load_run, provenance, write_text_atomic
 from octpipe.models.fanogan.losses import anomaly_scores, latent_distances
+from octpipe.store import open_patch_split
 
 __all__ = [
     "SCORE_NAMES",
@@ -523,15 +524,6 @@ class ScoreResult:
     precision: str
 
 
-def _open_patches(store: Path, split: str) -> Any:
-    import zarr
-
-    path = store / "patches" / split
-    if not (path / "zarr.json").exists():
-        raise OctpipeError(f"no patches/{split} in the store; run octpipe patches first", store)
-    return zarr.open_group(str(path), mode="r")
-
-
 def score_store(
     store: str | Path,
     model: str | Path | FAnoGANModel,
@@ -585,16 +577,16 @@ def score_store(
     t0 = time.perf_counter()
     store = Path(store)
     out_csv = Path(out_csv)
+    if out_csv.is_dir():
+        raise OctpipeError("is a folder; -o takes the output CSV file", out_csv)
     if out_csv.exists() and not overwrite:
         raise OctpipeError("output exists; pass --overwrite to replace it", out_csv)
-    group = _open_patches(store, split)
+    open_patch_split(store, split)  # a missing split is named before the model is loaded
     fanogan = model if isinstance(model, FAnoGANModel) else load_run(model)
     _require_encoder(fanogan)
+    group = open_patch_split(store, split, patch_size=fanogan.image_size)
     xs, index, labels = group["x"], group["index"], group["label"]
     n = int(xs.shape[0])
-    if xs.shape[1:] != (fanogan.image_size, fanogan.image_size):
-        raise OctpipeError(f"patches are {tuple(xs.shape[1:])} pixels but the model expects "
-                           f"{fanogan.image_size}×{fanogan.image_size}", store)
     volumes = list(group.attrs.get("volumes", []))
     dev, prec, fmt = _setup(fanogan, device, precision, "auto")
     step = max(int(xs.chunks[0]), batch_size)

@@ -257,12 +257,9 @@ class _PatchSource:
     """One patch split of a store: labels and indices in memory, patches read chunk by chunk."""
 
     def __init__(self, store: Path, split: str, *, cache_chunks: int = 9) -> None:
-        import zarr
+        from octpipe.store import open_patch_split
 
-        path = store / "patches" / split
-        if not (path / "zarr.json").exists():
-            raise OctpipeError(f"no patches/{split} in the store; run octpipe patches first", store)
-        group = zarr.open_group(str(path), mode="r")
+        group = open_patch_split(store, split)
         self.split = split
         self.x = group["x"]
         self.n = int(self.x.shape[0])
