@@ -4,8 +4,8 @@
 
     STORE.zarr/
       zarr.json                  attrs: octpipe_store (layout version), octpipe version, salt
-      volumes/<volume_id>/       attrs: source, sha256, format, spacing_mm, ..., status
-        image   (z, y, x') float32 in [-1, 1], columns downsampled
+      volumes/<volume_id>/       attrs: source, sha256, format, spacing_mm, ..., status, ome
+        image   (z, y, x') float32 in [-1, 1], columns downsampled; dimension_names z, y, x
         layers  (2, z, x') float32 ILM and BM rows used for flattening (attrs: names, source)
         flat    (z, h, x') float32 flattened retina area
         flatmap (2, z, x') float32 BM reference row and scale per A-scan (undo the flattening)
@@ -16,6 +16,15 @@
       logs/                      one log per run
       .staging/                  volumes being written (never read as results)
       .lock                      held (flock) by the process writing the store; holds its pid
+
+Each volume group is also an OME-Zarr (NGFF 0.5) image: its ``ome`` attribute
+(:func:`octpipe.ome.multiscales_metadata`) declares ``image`` as a one-level multiscale
+image with axes z, y, x in millimetres and the volume's ``spacing_mm`` as scale, so napari
+(napari-ome-zarr) opens ``volumes/<volume_id>`` directly. The other arrays are not part of
+the image and NGFF readers ignore them. Layout note: ``ome`` and the image's
+``dimension_names`` were added without a layout version bump (still 1) because they are
+purely additive: nothing in octpipe reads them, so volumes written before them (no ``ome``)
+read as before, and a store may hold both kinds.
 
 A volume group is written complete under ``.staging/`` and then renamed into
 ``volumes/``: a crash never leaves a half-written volume that looks finished, and a
@@ -50,6 +59,7 @@ from zarr.codecs import ZstdCodec
 
 from octpipe import __version__
 from octpipe.errors import OctpipeError
+from octpipe.ome import AXES, multiscales_metadata
 from octpipe.privacy import pseudonymous_id
 
 __all__ = [
@@ -72,6 +82,9 @@ __all__ = [
 #: The lock file of a store (see :func:`store_lock`).
 LOCK_NAME = ".lock"
 
+#: Layout version in the root attribute ``octpipe_store``. Readers only check that it is
+#: present. Bump it for a change old readers cannot read, not for additive attributes (the
+#: ``ome`` volume attribute was added within version 1; see the module docstring).
 STORE_LAYOUT_VERSION = 1
 
 #: Compressor of the bulk arrays: zstd level 1 writes patches 3x faster than Zarr's
@@ -195,7 +208,9 @@ def write_volume(
     arrays : mapping of str to ndarray
         Arrays of the group. 3-D arrays are chunked one B-scan per chunk.
     attrs : mapping
-        Group attributes (JSON-serialisable). ``status`` is set to ``"complete"``.
+        Group attributes (JSON-serialisable). ``status`` is set to ``"complete"``. A 3-D
+        ``image`` makes the group an OME-Zarr image: ``ome`` is set from
+        ``attrs["spacing_mm"]`` (:func:`octpipe.ome.multiscales_metadata`) unless ``attrs`` gives one.
     array_attrs : mapping, optional
         Attributes per array (e.g. layer names).
     overwrite : bool
@@ -213,17 +228,20 @@ def write_volume(
     staging = store / ".staging" / f"{volume_id}-{uuid.uuid4().hex[:8]}"
     staging.parent.mkdir(parents=True, exist_ok=True)
     try:
+        ome = _ome_attrs(volume_id, arrays, attrs)  # before any write: a bad spacing fails fast
         group = zarr.open_group(str(staging), mode="w")
         for name, data in arrays.items():
             data = np.asarray(data)
             per_bscan = data.ndim == 3 and name in ("image", "flat", "mask", "valid")
             chunks = (1, *data.shape[1:]) if per_bscan else data.shape
-            arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, compressors=FAST_ZSTD)
+            dims = AXES if name == "image" and data.ndim == 3 else None  # NGFF 0.5: dimension_names = axes
+            arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, compressors=FAST_ZSTD,
+                                     dimension_names=dims)
             arr[...] = data
             extra = (array_attrs or {}).get(name)
             if extra:
                 arr.attrs.update(dict(extra))
-        group.attrs.update({**attrs, "status": "complete"})
+        group.attrs.update({**ome, **attrs, "status": "complete"})  # before the rename: atomic with the data
         if target.exists():  # overwrite: move the old one aside first, then swap
             trash = store / ".staging" / f"old-{volume_id}-{uuid.uuid4().hex[:8]}"
             os.rename(target, trash)
@@ -241,6 +259,19 @@ def write_volume(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return True
+
+
+def _ome_attrs(volume_id: str, arrays: Mapping[str, npt.NDArray], attrs: Mapping[str, object]) -> dict[str, Any]:
+    """``{"ome": ...}`` for a volume group with a 3-D ``image`` (else ``{}``): NGFF 0.5 metadata.
+
+    The scale is the volume's ``spacing_mm`` (z, y, x of the stored image, columns
+    downsampled); without one, the image is declared in pixels (scale 1, no unit).
+    """
+    image = arrays.get("image")
+    if image is None or np.ndim(image) != 3:
+        return {}
+    spacing = attrs.get("spacing_mm")
+    return {"ome": multiscales_metadata(spacing, name=volume_id, dataset_path="image")}  # type: ignore[arg-type]
 
 
 def read_volume_attrs(store: str | Path, volume_id: str) -> dict:
