@@ -102,10 +102,10 @@ def test_ingest_stores_the_paper_preprocessing(store):
 
 
 def test_train_and_test_splits(store):
-    train = write_patch_split(store, "train", k=8, seed=3, workers=0)
+    train = write_patch_split(store, "train", k=8, seed=3, workers=0, overwrite=True)
     assert train.n_volumes == 2 and train.n_patches == 2 * 3 * 8  # healthy volumes only
     assert train.label_counts == {-1: 0, 0: 48, 1: 0}
-    test = write_patch_split(store, "test", stride=32, workers=0)
+    test = write_patch_split(store, "test", stride=32, workers=0, overwrite=True)
     # grid over the 128 x 128 flattened area: 3 x 3 positions per B-scan
     assert test.n_volumes == 3 and test.n_patches == 3 * 3 * 9
     g = zarr.open_group(str(store / "patches" / "test"), mode="r")
@@ -133,6 +133,7 @@ def test_patches_are_reproducible_and_dask_equals_serial(store):
 
 
 def test_patch_errors(store, tmp_path):
+    write_patch_split(store, "test", workers=0, overwrite=True)  # whatever ran before (tests run in any order)
     with pytest.raises(OctpipeError, match="exists"):
         write_patch_split(store, "test", workers=0)
     with pytest.raises(OctpipeError, match="larger than the flattened area"):
@@ -174,7 +175,8 @@ def test_patches_command(store, capsys):
 
 def test_train_split_is_stored_in_random_order_across_volumes(store):
     """The train split is one seeded permutation of the volume-order split (same patches, rows)."""
-    ordered = write_patch_split(store, "train", name="train-ordered", k=8, seed=5, workers=0, shuffle=False)
+    ordered = write_patch_split(store, "train", name="train-ordered", k=8, seed=5, workers=0, shuffle=False,
+                                overwrite=True)
     shuffled = write_patch_split(store, "train", k=8, seed=5, workers=0, overwrite=True)
     go = zarr.open_group(str(ordered.path), mode="r")
     gs = zarr.open_group(str(shuffled.path), mode="r")

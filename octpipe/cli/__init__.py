@@ -50,6 +50,7 @@ def _root(
 
 
 # Register subcommands (each module adds its command to ``app``; heavy imports stay inside).
+from octpipe.cli import calibrate as _calibrate  # noqa: E402,F401
 from octpipe.cli import demo as _demo  # noqa: E402,F401
 from octpipe.cli import evaluate as _evaluate  # noqa: E402,F401
 from octpipe.cli import export as _export  # noqa: E402,F401
@@ -58,6 +59,7 @@ from octpipe.cli import ingest as _ingest  # noqa: E402,F401
 from octpipe.cli import layers as _layers  # noqa: E402,F401
 from octpipe.cli import patches as _patches  # noqa: E402,F401
 from octpipe.cli import phantom as _phantom  # noqa: E402,F401
+from octpipe.cli import run as _run  # noqa: E402,F401
 from octpipe.cli import score as _score  # noqa: E402,F401
 from octpipe.cli import train as _train  # noqa: E402,F401
 

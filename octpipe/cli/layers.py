@@ -46,7 +46,10 @@ def layers(
         raise OctpipeError("no such file or folder", file)
     vol = read_volume(file, series=series)
     vol = override_spacing(vol, spacing)
-    result, vol = segment_source(vol, use_vendor=use_vendor)  # spacing estimated when the file has none
+    try:
+        result, vol = segment_source(vol, use_vendor=use_vendor)  # spacing estimated when the file has none
+    except (ValueError, ArithmeticError) as exc:  # an image segmentation cannot work on (too small, no pixel)
+        raise OctpipeError(f"cannot segment: {' '.join(str(exc).split())}", file) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.npz")
     qc = json.dumps(result.qc, default=float)

@@ -261,8 +261,11 @@ def _summary(vol: VolumeInput, scores: dict[str, np.ndarray], window_retina: np.
     }
     if calibration is not None:
         p99 = float(np.percentile(calibration["scores"]["A"]["sorted"], 99))
+        from octpipe.export.calibrate import summary_percentile
+
+        out.update(summary_percentile(volume_score, calibration,
+                                      lambda v: float(calibration_percentile([v], calibration)[0])))
         out.update({
-            "volume_percentile": float(calibration_percentile([volume_score], calibration)[0]),
             "normal_A_p99": p99,
             "anomalous_window_fraction": float((a > p99).mean()),
             "anomalous_voxel_fraction": float((residual[inside] >= settings.threshold_z).mean())

@@ -56,6 +56,14 @@ def _page(title: str, body: str) -> str:
             f"{html.escape(__version__)} - {html.escape(RESEARCH_ONLY)}</p></body></html>\n")
 
 
+def _reference(rows: list[dict[str, Any]]) -> str:
+    """What the index's percentiles are relative to (one reference, or "each volume's reference")."""
+    refs = {str(s.get("volume_percentile_reference", "normal patches")) for s in rows if s.get("calibrated")}
+    if not refs:
+        return "nothing (the model is not calibrated)"
+    return refs.pop() if len(refs) == 1 else "each volume's reference (see its report)"
+
+
 def write_volume_report(path: str | Path, summary: dict[str, Any], model: dict[str, Any], folder: str | Path) -> Path:
     """The report of one volume (``report.html`` beside its pictures, which it embeds)."""
     folder = Path(folder)
@@ -63,7 +71,8 @@ def write_volume_report(path: str | Path, summary: dict[str, Any], model: dict[s
     calibrated = summary.get("calibrated")
     kpis = [("volume score (p99 window A)", _fmt(summary["volume_score"], 4))]
     if calibrated:
-        kpis += [("percentile among normal patches", f"{summary['volume_percentile']:.1f}"),
+        reference = summary.get("volume_percentile_reference", "normal patches")
+        kpis += [(f"percentile among {reference}", f"{summary['volume_percentile']:.1f}"),
                  ("windows above normal p99", f"{100 * summary['anomalous_window_fraction']:.1f} % (healthy ~1 %)"),
                  (f"retina voxels with residual >= {summary['threshold_z']:g}x normal",
                   f"{100 * summary['anomalous_voxel_fraction']:.2f} %")]
@@ -153,8 +162,9 @@ def write_index_html(path: str | Path, rows: list[dict[str, Any]], *, failed: di
 <h1>octpipe screening index</h1>
 <div class="ruo">{html.escape(RESEARCH_ONLY)}.</div>
 <p>{len(rows)} volumes ranked by volume score (99th percentile of the window anomaly score A), most anomalous
-first. Percentile: of the volume score among the model's held-out normal patch scores. Windows above normal
-p99: about 1 % for a healthy volume.</p>
+first. Percentile: of the volume score among {html.escape(_reference(rows))} (a model calibrated on normal volumes
+with <code>octpipe calibrate</code> ranks a healthy volume near the middle; among normal patches a healthy
+volume sits near 99 by construction). Windows above normal p99: about 1 % for a healthy volume.</p>
 <table><tr><th>rank</th><th class="l">volume</th><th>volume score</th><th>percentile</th>
 <th>windows above normal p99</th><th>eye</th><th class="l">QC flags</th><th>en-face</th></tr>
 {''.join(lines)}</table>

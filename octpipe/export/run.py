@@ -1051,14 +1051,16 @@ def write_index(out_dir: str | Path) -> tuple[Path, Path]:
         rows.append(s)
     rows.sort(key=lambda s: -float(s["volume_score"]))
     failed = _read_failed(out)
-    header = ["rank", "volume_id", "volume_score", "volume_percentile", "anomalous_window_fraction",
-              "anomalous_voxel_fraction", "laterality", "label", "qc_flags", "report", "status", "reason"]
+    header = ["rank", "volume_id", "volume_score", "volume_percentile", "percentile_among",
+              "anomalous_window_fraction", "anomalous_voxel_fraction", "laterality", "label", "qc_flags", "report",
+              "status", "reason"]
     csv_rows = [[i + 1, s["volume_id"], f"{s['volume_score']:.6g}", _fmt(s.get("volume_percentile")),
+                 s.get("volume_percentile_reference", "normal patches" if s.get("calibrated") else ""),
                  _fmt(s.get("anomalous_window_fraction")), _fmt(s.get("anomalous_voxel_fraction")),
                  s.get("laterality") or "", "" if s.get("label") is None else s["label"],
                  ";".join(s.get("qc_flags", [])), f"{s['volume_id']}/report.html", "ok", ""]
                 for i, s in enumerate(rows)]
-    csv_rows += [["", vid, "", "", "", "", "", "", "", "", "failed", reason] for vid, reason in failed.items()]
+    csv_rows += [["", vid, "", "", "", "", "", "", "", "", "", "failed", reason] for vid, reason in failed.items()]
     csv_path = out / "index.csv"
     _write_csv(csv_path, header, csv_rows)
     html_path = write_index_html(out / "index.html", rows, failed=failed)

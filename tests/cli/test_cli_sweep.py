@@ -266,3 +266,13 @@ def test_export_sidecar_names_the_model_without_its_path(inputs, tmp_path, capsy
     assert model["id"] == "fanogan-phantom" and "path" not in model
     assert model["sha256"] == file_sha256(Path(BUNDLED) / "model.pt")
     assert str(Path(BUNDLED).parent) not in sidecar.read_text()
+
+
+def test_layers_on_an_image_too_small_for_a_retina_is_one_line(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((10, 300), 128, np.uint8)).save(tmp_path / "strip.png")
+    code, err = _run(capsys, ["layers", str(tmp_path / "strip.png"), "-o", str(tmp_path / "l.npz")])
+    _assert_one_line(code, err, 1, "strip.png: cannot segment: volume shape (1, 10, 300) is too small")
+    assert not (tmp_path / "l.npz").exists()
