@@ -27,16 +27,11 @@ def calibrate(
 
     Example: octpipe calibrate models/fanogan-octdl normal-scans/
     """
+    from octpipe.cli.export import check_map_options
     from octpipe.errors import OctpipeError
     from octpipe.export.calibrate import calibrate_volumes
-    from octpipe.heatmap import WEIGHTINGS
 
-    if weighting not in WEIGHTINGS:
-        raise typer.BadParameter(f"must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}", param_hint="--weighting")
-    if device not in ("auto", "cpu", "cuda"):
-        raise typer.BadParameter(f"must be auto, cpu or cuda, got {device!r}", param_hint="--device")
-    if precision not in ("auto", "fp32", "tf32", "bf16"):
-        raise typer.BadParameter(f"must be auto, fp32, tf32 or bf16, got {precision!r}", param_hint="--precision")
+    check_map_options(weighting, device, precision)
     missing = [s for s in sources if not s.exists()]
     if missing:
         raise OctpipeError("no such file or folder", missing[0])

@@ -11,6 +11,18 @@ from octpipe.cli import app, state
 from octpipe.cli.info import IMAGES_HELP, SPACING_HELP, images_option, spacing_option
 
 
+def check_map_options(weighting: str, device: str, precision: str) -> None:
+    """Usage errors for the window-map options that export and calibrate share."""
+    from octpipe.heatmap import WEIGHTINGS
+
+    if weighting not in WEIGHTINGS:
+        raise typer.BadParameter(f"must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}", param_hint="--weighting")
+    if device not in ("auto", "cpu", "cuda"):
+        raise typer.BadParameter(f"must be auto, cpu or cuda, got {device!r}", param_hint="--device")
+    if precision not in ("auto", "fp32", "tf32", "bf16"):
+        raise typer.BadParameter(f"must be auto, fp32, tf32 or bf16, got {precision!r}", param_hint="--precision")
+
+
 @app.command()
 def export(
     source: Path = typer.Argument(..., help="An OCT file (any supported format), a folder of B-scan images or an "
@@ -58,14 +70,8 @@ def export(
     Example: octpipe export cohort.zarr --model models/fanogan-phantom -o exports/
     """
     from octpipe.errors import OctpipeError
-    from octpipe.heatmap import WEIGHTINGS
 
-    if weighting not in WEIGHTINGS:
-        raise typer.BadParameter(f"must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}", param_hint="--weighting")
-    if device not in ("auto", "cpu", "cuda"):
-        raise typer.BadParameter(f"must be auto, cpu or cuda, got {device!r}", param_hint="--device")
-    if precision not in ("auto", "fp32", "tf32", "bf16"):
-        raise typer.BadParameter(f"must be auto, fp32, tf32 or bf16, got {precision!r}", param_hint="--precision")
+    check_map_options(weighting, device, precision)
     if not math.isfinite(threshold) or threshold <= 0:
         raise typer.BadParameter(f"must be a number > 0, got {threshold}", param_hint="--threshold")
     spacing = spacing_option(spacing_mm)

@@ -276,3 +276,17 @@ def test_layers_on_an_image_too_small_for_a_retina_is_one_line(tmp_path, capsys)
     code, err = _run(capsys, ["layers", str(tmp_path / "strip.png"), "-o", str(tmp_path / "l.npz")])
     _assert_one_line(code, err, 1, "strip.png: cannot segment: volume shape (1, 10, 300) is too small")
     assert not (tmp_path / "l.npz").exists()
+
+
+@pytest.mark.parametrize("command", ["export", "score", "evaluate", "calibrate"])
+def test_a_missing_model_folder_is_named_as_given(command, inputs, tmp_path, capsys):
+    nope = str(tmp_path / "models" / "nope")
+    argv = {
+        "export": ["export", str(inputs["vol"]), "--model", nope, "-o", str(tmp_path / "e")],
+        "score": ["score", str(inputs["store"]), "--model", nope, "-o", str(tmp_path / "s.csv")],
+        "evaluate": ["evaluate", "--store", str(inputs["store"]), "--model", nope, "-o", str(tmp_path / "ev")],
+        "calibrate": ["calibrate", nope, str(inputs["vol"])],
+    }[command]
+    code, err = _run(capsys, argv)
+    assert code == 1 and len(err) == 1 and "nope" in err[0], err
+    assert "no such" in err[0] or "no model.pt" in err[0], err
