@@ -582,11 +582,9 @@ def _stored_row(volume_id: str, attrs: Mapping[str, object]) -> dict[str, object
                 status="ok")
 
 
-def _describe_complete(store: Path, rows: list[dict[str, object]]) -> list[dict[str, object]]:
+def _describe_complete(stored: Mapping[str, Mapping[str, object]], rows: list[dict[str, object]]
+                       ) -> list[dict[str, object]]:
     """Rows skipped as already complete, with the volume's shape, spacing and laterality from the store."""
-    from octpipe.store import complete_volume_attrs
-
-    stored = complete_volume_attrs(store)
     out = []
     for r in rows:
         vid = str(r.get("volume_id", ""))
@@ -597,7 +595,8 @@ def _describe_complete(store: Path, rows: list[dict[str, object]]) -> list[dict[
     return out
 
 
-def _whole_store_manifest(store: Path, rows: list[dict[str, object]]) -> list[dict[str, object]]:
+def _whole_store_manifest(store: Path, stored: Mapping[str, Mapping[str, object]], rows: list[dict[str, object]]
+                          ) -> list[dict[str, object]]:
     """The run's rows plus one row per complete volume it did not touch, so the manifest covers the store.
 
     A volume written by an earlier run keeps that run's row (or, when the run was killed before
@@ -605,9 +604,7 @@ def _whole_store_manifest(store: Path, rows: list[dict[str, object]]) -> list[di
     again are kept too.
     """
     from octpipe.manifest import load_manifest
-    from octpipe.store import complete_volume_attrs
 
-    stored = complete_volume_attrs(store)
     try:
         earlier = load_manifest(store / "manifest.csv") if (store / "manifest.csv").is_file() else []
     except (OSError, ValueError, OctpipeError):  # an unreadable earlier manifest: rebuild from the store
@@ -812,10 +809,13 @@ def _ingest_locked(
         if bar is not None:
             bar.stop()
 
-    rows = _describe_complete(store, rows)
+    from octpipe.store import complete_volume_attrs
+
+    stored = complete_volume_attrs(store)  # every complete volume's attributes, read once
+    rows = _describe_complete(stored, rows)
     rows.sort(key=lambda r: (str(r["path"]), str(r["series"])))
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
-    whole = _whole_store_manifest(store, rows)
+    whole = _whole_store_manifest(store, stored, rows)
     _write_csv(store / "manifest.csv", whole)
     _write_csv(manifest_path, _with_paths(whole, readable), comment=PATHS_NOTE)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")

@@ -70,6 +70,7 @@ __all__ = [
     "store_volume_id",
     "complete_volume_attrs",
     "open_patch_split",
+    "check_patch_size",
     "complete_volumes",
     "write_volume",
     "read_volume_group",
@@ -159,10 +160,16 @@ def open_patch_split(store: str | Path, split: str, *, patch_size: int | None = 
     if not (path / "zarr.json").exists():
         raise OctpipeError(f"no patches/{split} in the store; run octpipe patches first", store)
     group = zarr.open_group(str(path), mode="r")
-    shape = tuple(int(s) for s in group["x"].shape[1:])
-    if patch_size is not None and shape != (patch_size, patch_size):
-        raise OctpipeError(f"patches are {shape} pixels but the model expects {patch_size}×{patch_size}", store)
+    if patch_size is not None:
+        check_patch_size(group, patch_size, store)
     return group
+
+
+def check_patch_size(group: Any, patch_size: int, store: str | Path) -> None:
+    """Refuse, in one line, a patch split whose patches are not ``patch_size`` square."""
+    shape = tuple(int(s) for s in group["x"].shape[1:])
+    if shape != (patch_size, patch_size):
+        raise OctpipeError(f"patches are {shape} pixels but the model expects {patch_size}×{patch_size}", store)
 
 
 def complete_volume_attrs(path: str | Path) -> dict[str, dict]:

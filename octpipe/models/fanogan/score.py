@@ -44,7 +44,7 @@ import torch
 from octpipe.errors import ConfigError, OctpipeError
 from octpipe.models.fanogan.checkpoint import FAnoGANModel, load_run, provenance, write_text_atomic
 from octpipe.models.fanogan.losses import anomaly_scores, latent_distances
-from octpipe.store import open_patch_split
+from octpipe.store import check_patch_size, open_patch_split
 
 __all__ = [
     "SCORE_NAMES",
@@ -581,10 +581,10 @@ def score_store(
         raise OctpipeError("is a folder; -o takes the output CSV file", out_csv)
     if out_csv.exists() and not overwrite:
         raise OctpipeError("output exists; pass --overwrite to replace it", out_csv)
-    open_patch_split(store, split)  # a missing split is named before the model is loaded
+    group = open_patch_split(store, split)  # a missing split is named before the model is loaded
     fanogan = model if isinstance(model, FAnoGANModel) else load_run(model)
     _require_encoder(fanogan)
-    group = open_patch_split(store, split, patch_size=fanogan.image_size)
+    check_patch_size(group, fanogan.image_size, store)
     xs, index, labels = group["x"], group["index"], group["label"]
     n = int(xs.shape[0])
     volumes = list(group.attrs.get("volumes", []))
