@@ -9,10 +9,11 @@ import pydicom
 import pytest
 
 from octpipe.cli import main
+from octpipe.inputs import discover_inputs
 from octpipe.io.dicom import write_dicom_opt
 from octpipe.io.heyex_e2e import write_heyex_e2e_minimal
 from octpipe.io.heyex_vol import write_heyex_vol
-from octpipe.pipeline import discover_inputs, ingest
+from octpipe.pipeline import ingest
 from octpipe.preprocess.intensity import linear_to_display
 from octpipe.store import complete_volumes, read_volume_group, volume_ids
 from tests.conftest import REAL_DATA, small_phantom
@@ -329,7 +330,7 @@ def _same_size(names, size=(512, 496)):
     [f"b{i}.png" for i in range(1, 21) if i != 10],  # one B-scan dropped out of 20
 ])
 def test_numbered_same_size_images_are_one_volume(names):
-    from octpipe.pipeline import classify_image_folder
+    from octpipe.inputs import classify_image_folder
 
     decision = classify_image_folder(_same_size(names))
     assert decision.kind == "volume", decision.reason
@@ -349,7 +350,7 @@ def test_numbered_same_size_images_are_one_volume(names):
     (["only.png"], "a single image"),
 ])
 def test_other_image_folders_are_independent_bscans(names, why):
-    from octpipe.pipeline import classify_image_folder
+    from octpipe.inputs import classify_image_folder
 
     kind, reason = classify_image_folder(_same_size(names))
     assert kind == "bscans"
@@ -357,7 +358,7 @@ def test_other_image_folders_are_independent_bscans(names, why):
 
 
 def test_sizes_decide_before_names():
-    from octpipe.pipeline import classify_image_folder
+    from octpipe.inputs import classify_image_folder
 
     names = [f"Image {i}.tif" for i in range(1, 6)]
     mixed = [(n, (768, 496) if i % 2 else (512, 496)) for i, n in enumerate(names)]

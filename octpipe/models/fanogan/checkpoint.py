@@ -35,7 +35,6 @@ before it existed) loads with a logged warning and the default :class:`Preproces
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import os
@@ -49,10 +48,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from octpipe import __version__
 from octpipe.errors import ConfigError, OctpipeError
 from octpipe.models.fanogan.config import FAnoGANConfig
 from octpipe.models.fanogan.networks import Discriminator, Encoder, Generator
+from octpipe.provenance import provenance
 
 if TYPE_CHECKING:
     from octpipe.preprocess.prepare import PreprocessConfig
@@ -178,14 +177,6 @@ def build_networks(config: FAnoGANConfig) -> tuple[Generator, Discriminator, Enc
     e = Encoder(latent_dim=m.latent_dim, dim=m.dim, channels=m.channels, image_size=m.image_size,
                 output=m.encoder_output)  # type: ignore[arg-type]
     return g, d, e
-
-
-def provenance() -> dict[str, str]:
-    """``{"octpipe_version", "git_hash", "created"}`` for stamping outputs."""
-    from octpipe.pipeline import git_hash
-
-    return {"octpipe_version": __version__, "git_hash": git_hash(),
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -62,7 +62,6 @@ from octpipe.models.fanogan.checkpoint import (
     capture_rng_state,
     check_resume_config,
     load_checkpoint,
-    provenance,
     restore_rng_state,
     save_atomic,
     store_preprocessing,
@@ -85,6 +84,7 @@ from octpipe.models.fanogan.score import (
     resolve_precision,
     score_patches,
 )
+from octpipe.provenance import provenance
 
 __all__ = ["LOG_COLUMNS", "STAGES", "TrainingDiverged", "train", "train_gan", "train_encoder"]
 
