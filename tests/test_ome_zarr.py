@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import zarr
 
-from octpipe.io.heyex_vol import write_heyex_vol
+from octpipe.io.writers.heyex_vol import write_heyex_vol
 from octpipe.ome import AXES, display_scale, multiscales_metadata
 from octpipe.pipeline import ingest
 from octpipe.store import complete_volumes, read_volume_attrs, read_volume_group, volume_ids, write_volume

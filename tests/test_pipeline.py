@@ -10,12 +10,12 @@ import pytest
 
 from octpipe.cli import main
 from octpipe.inputs import discover_inputs
-from octpipe.io.dicom import write_dicom_opt
-from octpipe.io.heyex_e2e import write_heyex_e2e_minimal
-from octpipe.io.heyex_vol import write_heyex_vol
+from octpipe.io.writers.dicom import write_dicom_opt
+from octpipe.io.writers.heyex_vol import write_heyex_vol
 from octpipe.pipeline import ingest
 from octpipe.preprocess.intensity import linear_to_display
 from octpipe.store import complete_volumes, read_volume_group, volume_ids
+from octpipe.testing.heyex_e2e_files import write_heyex_e2e_minimal
 from tests.conftest import REAL_DATA, small_phantom
 
 SECRETS = [b"Doe^Jane", b"DOE", b"Jane", b"19450317", b"SN-SECRET-42", b"MRN-998877"]
@@ -377,7 +377,7 @@ def _phantom_u8(seed, n=3):
 def test_discovery_of_image_folders_follows_the_names(tmp_path):
     from PIL import Image
 
-    from octpipe.io.images import write_bscan_folder
+    from octpipe.io.writers.images import write_bscan_folder
 
     written = write_bscan_folder(tmp_path / "octpipe_png", _phantom_u8(0, n=4))
     loose = tmp_path / "loose"
@@ -440,7 +440,7 @@ def test_numbered_real_folder_is_one_volume_in_number_order(real_data, tmp_path)
 def test_images_option_overrides_the_decision(goodsea_normal, tmp_path, capsys):
     from PIL import Image
 
-    from octpipe.io.images import write_bscan_folder
+    from octpipe.io.writers.images import write_bscan_folder
     from octpipe.manifest import load_manifest
 
     numbered = write_bscan_folder(tmp_path / "in" / "scan_png", _phantom_u8(2))

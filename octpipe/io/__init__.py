@@ -80,7 +80,7 @@ def read_volume(path: str | Path, *, series: int = 0, format: str | None = None)
     Examples
     --------
     >>> import numpy as np, tempfile, os
-    >>> from octpipe.io.heyex_vol import write_heyex_vol
+    >>> from octpipe.io.writers.heyex_vol import write_heyex_vol
     >>> p = write_heyex_vol(os.path.join(tempfile.mkdtemp(), "a.vol"), np.ones((2, 8, 4), np.float32),
     ...                     spacing_mm=(0.1, 0.004, 0.01), laterality="OD")
     >>> read_volume(p).shape
