@@ -59,7 +59,8 @@ from octpipe.errors import OctpipeError
 from octpipe.export.anomaly import MapSettings, VolumeAnomaly, VolumeInput, compute_anomaly, volume_input_from_arrays
 from octpipe.export.enface import enface_projections, etdrs_labels, find_fovea, physical_coordinates, sector_table
 from octpipe.export.figures import write_enface_figure, write_gif, write_overlays
-from octpipe.models.fanogan.checkpoint import FAnoGANModel, load_run, preprocessing_differences
+from octpipe.models.fanogan.checkpoint import load_run, preprocessing_differences
+from octpipe.models.fanogan.model import FAnoGANModel
 
 if TYPE_CHECKING:
     from octpipe.preprocess.prepare import PreprocessConfig
@@ -535,7 +536,7 @@ def _remove_if_empty(out: Path) -> None:
 
 
 def _model_notes(model: FAnoGANModel) -> list[str]:
-    from octpipe.models.fanogan.checkpoint import DEFAULT_PREPROCESS_SOURCE
+    from octpipe.models.fanogan.model import DEFAULT_PREPROCESS_SOURCE
 
     if model.preprocess_source == DEFAULT_PREPROCESS_SOURCE:
         return ["the model bundle records no preprocessing: the default PreprocessConfig was applied"]

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from octpipe.models.baselines.common import PatchData, PatchScorer, apply_batched, load_patches, threads_context
-from octpipe.models.fanogan.checkpoint import FAnoGANModel, load_run
+from octpipe.models.fanogan.checkpoint import load_run
+from octpipe.models.fanogan.model import FAnoGANModel
 from octpipe.models.fanogan.networks import Discriminator
 
 __all__ = ["DiscriminatorScore", "PAPER_N_TRAIN"]

@@ -24,8 +24,9 @@ import numpy.typing as npt
 
 from octpipe.errors import OctpipeError
 from octpipe.models.baselines.common import PatchScorer, threads_context
-from octpipe.models.fanogan.checkpoint import FAnoGANModel, RunPaths, load_run
+from octpipe.models.fanogan.checkpoint import RunPaths, load_run
 from octpipe.models.fanogan.config import FAnoGANConfig, load_config
+from octpipe.models.fanogan.model import FAnoGANModel
 from octpipe.models.fanogan.score import pixel_residual, score_patches
 
 __all__ = ["EncoderVariant", "ENCODER_MODES"]

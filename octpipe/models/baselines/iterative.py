@@ -24,7 +24,8 @@ import numpy.typing as npt
 import torch
 
 from octpipe.models.baselines.common import as_images, batched, reconstruction_scores, threads_context
-from octpipe.models.fanogan.checkpoint import FAnoGANModel, load_run
+from octpipe.models.fanogan.checkpoint import load_run
+from octpipe.models.fanogan.model import FAnoGANModel
 from octpipe.models.fanogan.networks import Discriminator, Generator
 
 __all__ = ["IterativeAnoGAN", "stochastic_clip", "anogan_loss"]

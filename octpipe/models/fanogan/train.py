@@ -36,16 +36,13 @@ Several processes
 
 from __future__ import annotations
 
-import atexit
 import csv
 import json
 import math
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +53,7 @@ from torch import nn
 from octpipe.errors import ConfigError, OctpipeError
 from octpipe.models.fanogan.checkpoint import (
     CHECKPOINT_FORMAT,
-    FAnoGANModel,
     RunPaths,
-    build_networks,
     capture_rng_state,
     check_resume_config,
     load_checkpoint,
@@ -75,13 +70,22 @@ from octpipe.models.fanogan.losses import (
     wgan_gp_critic_loss,
     ziz_loss,
 )
+from octpipe.models.fanogan.model import FAnoGANModel, build_networks
 from octpipe.models.fanogan.networks import Generator, bn_stat_updates
 from octpipe.models.fanogan.optim import RMSpropTF
+from octpipe.models.fanogan.runtime import (
+    Dist,
+    Runtime,
+    all_mean,
+    barrier,
+    ddp,
+    maybe_compile,
+    place,
+    to_device,
+    training_runtime,
+)
 from octpipe.models.fanogan.score import (
     calibrate,
-    precision_context,
-    resolve_device,
-    resolve_precision,
     score_patches,
 )
 from octpipe.provenance import provenance
@@ -109,145 +113,6 @@ class TrainingDiverged(OctpipeError):
 def _seed(*parts: int) -> int:
     """A 63-bit seed derived from integers (NumPy ``SeedSequence``)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-# --------------------------------------------------------------------------------------------
-# Process group and runtime settings
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-
-def _distributed(device_name: str) -> _Dist:
-    """Join the default process group, creating it under ``torchrun`` (``WORLD_SIZE`` > 1).
-
-    A group created here lives until the process exits (it is destroyed by an ``atexit`` hook):
-    re-creating the default group after destroying it can hang with ``env://`` rendezvous, and
-    ``stage='all'`` trains two stages in one process.
-    """
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    if not dist.is_initialized():
-        use_cuda = device_name != "cpu" and torch.cuda.is_available()
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        atexit.register(_destroy_group)
-    return _Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def _destroy_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-@dataclass(frozen=True)
-class _Runtime:
-    device: torch.device
-    precision: str
-    memory_format: torch.memory_format
-    compile: bool
-    dist: _Dist
-
-    @property
-    def channels_last(self) -> bool:
-        return self.memory_format == torch.channels_last
-
-    def amp(self) -> Any:
-        return precision_context(self.precision, self.device)
-
-    def describe(self) -> dict[str, Any]:
-        return {"device": str(self.device), "precision": self.precision, "channels_last": self.channels_last,
-                "compile": self.compile, "world_size": self.dist.world}
-
-
-@contextmanager
-def _runtime(config: FAnoGANConfig) -> Iterator[_Runtime]:
-    rt = config.runtime
-    with ExitStack() as stack:
-        d = _distributed(rt.device)
-        device = resolve_device(rt.device)
-        if device.type == "cuda":
-            if d.active:
-                device = torch.device("cuda", d.local_rank)
-            torch.cuda.set_device(device)
-        if rt.threads:
-            old_threads = torch.get_num_threads()
-            torch.set_num_threads(rt.threads)
-            stack.callback(torch.set_num_threads, old_threads)
-        if rt.deterministic:
-            old_det = torch.are_deterministic_algorithms_enabled()
-            old_cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-            stack.callback(torch.use_deterministic_algorithms, old_det)
-            stack.callback(setattr, torch.backends.cudnn, "deterministic", old_cudnn[0])
-            stack.callback(setattr, torch.backends.cudnn, "benchmark", old_cudnn[1])
-        channels_last = rt.channels_last if rt.channels_last != "auto" else True  # faster on CPU and CUDA
-        yield _Runtime(device=device, precision=resolve_precision(rt.precision, device, training=True),
-                       memory_format=torch.channels_last if channels_last else torch.contiguous_format,
-                       compile=rt.compile, dist=d)
-
-
-def _barrier(d: _Dist) -> None:
-    if d.active:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _all_mean(t: torch.Tensor, d: _Dist) -> torch.Tensor:
-    if not d.active:
-        return t
-    import torch.distributed as dist
-
-    t = t.clone()
-    dist.all_reduce(t)
-    return t / d.world
-
-
-def _place(module: nn.Module, rt: _Runtime) -> nn.Module:
-    """Move ``module`` to the device and memory format of the run.
-
-    With channels_last, weights that have a size-1 channel or kernel dimension (the 1-channel
-    input convolutions, the 1x1 shortcuts) are laid out the same either way, but their formal
-    strides differ; they are kept in the canonical contiguous strides that autograd gives their
-    gradients (also through the gradient penalty's double backward), so that DDP's gradient
-    buckets match them (otherwise it warns "Grad strides do not match bucket view strides").
-    """
-    module.to(rt.device, memory_format=rt.memory_format)
-    if rt.channels_last:
-        for p in module.parameters():
-            if p.ndim == 4 and 1 in p.shape[1:]:
-                p.data = p.data.clone(memory_format=torch.contiguous_format)
-    return module
-
-
-def _ddp(module: nn.Module, rt: _Runtime) -> nn.Module:
-    if not rt.dist.active:
-        return module
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [rt.device.index] if rt.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids)
-
-
-def _maybe_compile(module: Any, rt: _Runtime) -> Any:
-    return torch.compile(module) if rt.compile else module
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +195,7 @@ class _BatchStream:
     epoch is dropped.
     """
 
-    def __init__(self, source: _PatchSource, indices: np.ndarray, *, batch_size: int, d: _Dist, seed: int,
+    def __init__(self, source: _PatchSource, indices: np.ndarray, *, batch_size: int, d: Dist, seed: int,
                  stream: int, hflip: bool, window: int) -> None:
         self.source = source
         self.indices = np.asarray(indices, np.int64)
@@ -381,10 +246,6 @@ class _BatchStream:
 
     def load_state(self, state: dict[str, int]) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
-
-
-def _to_device(x: np.ndarray, rt: _Runtime) -> torch.Tensor:
-    return torch.from_numpy(x).to(rt.device).contiguous(memory_format=rt.memory_format)
 
 
 # --------------------------------------------------------------------------------------------
@@ -547,7 +408,7 @@ def _params_finite(*modules: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for m in modules for p in m.parameters())
 
 
-def _checkpoint_base(stage: str, config: FAnoGANConfig, rt: _Runtime) -> dict[str, Any]:
+def _checkpoint_base(stage: str, config: FAnoGANConfig, rt: Runtime) -> dict[str, Any]:
     return {"format": CHECKPOINT_FORMAT, "stage": stage, **provenance(), "config": config.to_dict(),
             "runtime": rt.describe()}
 
@@ -621,7 +482,7 @@ def train_gan(
         If a loss becomes non-finite or leaves its bound (the last good checkpoint is kept).
     """
     store, paths, config, source = _stage_inputs(store, run_dir, config)
-    with _runtime(config) as rt:
+    with training_runtime(config) as rt:
         return _GANTrainer(store, paths, config, source, rt, resume=resume, overwrite=overwrite,
                            progress=progress).run()
 
@@ -641,7 +502,7 @@ def _existing_checkpoint(paths: RunPaths, stage: str, config: FAnoGANConfig, *, 
 
 
 class _GANTrainer:
-    def __init__(self, store: Path, paths: RunPaths, config: FAnoGANConfig, source: _PatchSource, rt: _Runtime, *,
+    def __init__(self, store: Path, paths: RunPaths, config: FAnoGANConfig, source: _PatchSource, rt: Runtime, *,
                  resume: bool, overwrite: bool, progress: bool) -> None:
         self.store, self.paths, self.config, self.rt = store, paths, config, rt
         self.cfg = config.gan
@@ -650,13 +511,13 @@ class _GANTrainer:
         d = rt.dist
         ckpt = _existing_checkpoint(paths, "gan", config, resume=resume, overwrite=overwrite,
                                     what="a GAN checkpoint", restart="start again")
-        _barrier(d)  # every rank has read the checkpoint before rank 0 may delete it
+        barrier(d)  # every rank has read the checkpoint before rank 0 may delete it
         if d.main:
             if overwrite and paths.root.exists():
                 paths.remove_own()  # only the run's files: a user's other files in the folder stay
             paths.root.mkdir(parents=True, exist_ok=True)
             _write_config(paths, config)
-        _barrier(d)
+        barrier(d)
 
         train_idx, _, val_idx, self.held_out = _holdout(source, config, store)
         self.n_train, self.n_val = len(train_idx), len(val_idx)
@@ -676,8 +537,8 @@ class _GANTrainer:
             self.elapsed = float(ckpt["counters"].get("seconds", 0.0))
             self.stream.load_state(ckpt["data"])
         self.resumed_from = self.critic_step if ckpt is not None else None
-        self.g = _place(g, rt).train()
-        self.d = _place(dnet, rt).train()
+        self.g = place(g, rt).train()
+        self.d = place(dnet, rt).train()
         betas = self.cfg.betas
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=self.cfg.lr, betas=betas)
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=self.cfg.lr, betas=betas)
@@ -687,9 +548,9 @@ class _GANTrainer:
             restore_rng_state(ckpt["rng"])
         self.last_good = paths.checkpoint("gan") if ckpt is not None else None
         # Training views: DDP for gradient sync, torch.compile for G only (D needs double backward).
-        self.g_train = _maybe_compile(_ddp(self.g, rt), rt)
-        self.g_sample = _maybe_compile(self.g, rt)
-        self.d_train = _ddp(self.d, rt)
+        self.g_train = maybe_compile(ddp(self.g, rt), rt)
+        self.g_sample = maybe_compile(self.g, rt)
+        self.d_train = ddp(self.d, rt)
         self.noise = torch.Generator()
         self.pending: list[tuple[int, int, bool, torch.Tensor, float]] = []
         self.last: dict[str, float | None] = {}
@@ -701,7 +562,7 @@ class _GANTrainer:
         return z.to(self.rt.device, non_blocking=True)
 
     def _critic_step(self) -> torch.Tensor:
-        real = _to_device(self.stream.next(), self.rt)
+        real = to_device(self.stream.next(), self.rt)
         z = self._z(_S_CRITIC, self.critic_step)  # also seeds the α draws of the penalty
         with torch.no_grad(), bn_stat_updates(self.g, enabled=False), self.rt.amp():
             fake = self.g_sample(z)
@@ -738,7 +599,7 @@ class _GANTrainer:
     def _flush(self, log: _Log, t0: float) -> None:
         if not self.pending:
             return
-        values = _all_mean(torch.stack([p[3] for p in self.pending]), self.rt.dist).cpu().tolist()
+        values = all_mean(torch.stack([p[3] for p in self.pending]), self.rt.dist).cpu().tolist()
         bad = None
         for (c, gs, has_g, _, t), (d_loss, w, gp, g_loss) in zip(self.pending, values, strict=True):
             row = {"stage": "gan", "critic_step": c, "generator_step": gs, "d_loss": d_loss,
@@ -845,7 +706,7 @@ class _GANTrainer:
                 _update_run_json(self.paths, self.store, "gan", {
                     "status": status, "critic_step": self.critic_step, "generator_step": self.generator_step,
                     "seconds": seconds})
-        _barrier(d)
+        barrier(d)
         return {"stage": "gan", "critic_step": self.critic_step, "generator_step": self.generator_step,
                 "resumed_from": self.resumed_from, "steps_run": self.critic_step - start_step,
                 "checkpoint": self.paths.checkpoint("gan"), "last": self.last, "seconds": seconds,
@@ -899,13 +760,13 @@ def train_encoder(
         If the loss becomes non-finite or exceeds ``encoder.max_loss``.
     """
     store, paths, config, source = _stage_inputs(store, run_dir, config)
-    with _runtime(config) as rt:
+    with training_runtime(config) as rt:
         return _EncoderTrainer(store, paths, config, source, rt, resume=resume, overwrite=overwrite,
                                progress=progress).run()
 
 
 class _EncoderTrainer:
-    def __init__(self, store: Path, paths: RunPaths, config: FAnoGANConfig, source: _PatchSource, rt: _Runtime, *,
+    def __init__(self, store: Path, paths: RunPaths, config: FAnoGANConfig, source: _PatchSource, rt: Runtime, *,
                  resume: bool, overwrite: bool, progress: bool) -> None:
         self.store, self.paths, self.config, self.rt = store, paths, config, rt
         self.cfg = config.encoder
@@ -943,14 +804,14 @@ class _EncoderTrainer:
                                   f"{saved['runtime']['seed']} (the held-out patches depend on it)")
         self.gan_steps = {k: int(v) for k, v in source_ckpt.get("counters", {}).items()
                           if k in ("critic_step", "generator_step")} if ckpt is None else ckpt.get("gan_steps", {})
-        _barrier(d)
+        barrier(d)
         if d.main:
             paths.root.mkdir(parents=True, exist_ok=True)
             if overwrite or ckpt is None:
                 for p in [*paths.checkpoints.glob("encoder-*.pt"), paths.calibration, paths.bundle]:
                     p.unlink(missing_ok=True)
             _write_config(paths, config)
-        _barrier(d)
+        barrier(d)
 
         train_idx, val_source, val_idx, self.held_out = _holdout(source, config, store)
         self.val_source, self.val_idx = val_source, val_idx
@@ -969,17 +830,17 @@ class _EncoderTrainer:
             self.elapsed = float(ckpt["counters"].get("seconds", 0.0))
             self.stream.load_state(ckpt["data"])
         self.resumed_from = self.step if ckpt is not None else None
-        self.g = _place(g, rt).eval().requires_grad_(False)
-        self.d = _place(dnet, rt).eval().requires_grad_(False)
-        self.e = _place(e, rt).train()
+        self.g = place(g, rt).eval().requires_grad_(False)
+        self.d = place(dnet, rt).eval().requires_grad_(False)
+        self.e = place(e, rt).train()
         self.opt = RMSpropTF(self.e.parameters(), lr=self.cfg.lr, alpha=self.cfg.alpha, eps=self.cfg.eps)
         if ckpt is not None:
             self.opt.load_state_dict(ckpt["optimizers"]["encoder"])
             restore_rng_state(ckpt["rng"])
         self.last_good = paths.checkpoint("encoder") if ckpt is not None else None
-        self.e_train = _maybe_compile(_ddp(self.e, rt), rt)
-        self.g_fwd = _maybe_compile(self.g, rt)
-        self.d_feat = _maybe_compile(self.d.features, rt)
+        self.e_train = maybe_compile(ddp(self.e, rt), rt)
+        self.g_fwd = maybe_compile(self.g, rt)
+        self.d_feat = maybe_compile(self.d.features, rt)
         self.noise = torch.Generator()
         self.pending: list[tuple[int, torch.Tensor, float | None, float]] = []
         self.last: dict[str, float | None] = {}
@@ -1005,7 +866,7 @@ class _EncoderTrainer:
             self.noise.manual_seed(_seed(self.seed, _S_ENC, self.rt.dist.rank, self.step))
             z = _prior(self.cfg.batch_size, self.config.model.latent_dim, self.config.gan.prior, self.noise)
             return None, z.to(self.rt.device)
-        return _to_device(self.stream.next(), self.rt), None
+        return to_device(self.stream.next(), self.rt), None
 
     def _train_step(self) -> torch.Tensor:
         x, z = self._batch()
@@ -1034,7 +895,7 @@ class _EncoderTrainer:
                     return None
                 for i in range(0, min(len(self.val_idx), bs * nb), bs):
                     x = self.val_source.read(self.val_idx[i:i + bs])[:, None]
-                    losses.append(float(self._loss(_to_device(x, self.rt), None, self.e)))
+                    losses.append(float(self._loss(to_device(x, self.rt), None, self.e)))
             return float(np.mean(losses))
         finally:
             self.e.train()
@@ -1042,7 +903,7 @@ class _EncoderTrainer:
     def _flush(self, log: _Log, t0: float) -> None:
         if not self.pending:
             return
-        values = _all_mean(torch.stack([p[1] for p in self.pending]), self.rt.dist).cpu().tolist()
+        values = all_mean(torch.stack([p[1] for p in self.pending]), self.rt.dist).cpu().tolist()
         bad = None
         for (step, _, val, t), loss in zip(self.pending, values, strict=True):
             log.write({"stage": "encoder", "step": step, "loss": loss, "val_loss": val,
@@ -1156,7 +1017,7 @@ class _EncoderTrainer:
             if d.main:
                 _update_run_json(self.paths, self.store, "encoder", {
                     "status": status, "step": self.step, "seconds": seconds, "val_loss": self.last_val})
-        _barrier(d)
+        barrier(d)
         return {"stage": "encoder", "step": self.step, "resumed_from": self.resumed_from,
                 "steps_run": self.step - start_step, "checkpoint": self.paths.checkpoint("encoder"),
                 "last": self.last, "val_loss": self.last_val, "calibration": calibration_path,
