@@ -167,8 +167,8 @@ def staged_dir(target: str | Path, *, under: str | Path, prefix: str = "") -> It
     Raises
     ------
     FileExistsError
-        ``target`` appeared while the block ran (another process finished the same folder
-        first); the staged copy is removed and theirs kept.
+        ``target`` appeared between the check for it and the rename (another process
+        finished the same folder at that moment); the staged copy is removed and theirs kept.
 
     Examples
     --------
