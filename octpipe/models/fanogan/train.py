@@ -435,6 +435,104 @@ def _stage_inputs(store: str | Path, run_dir: str | Path, config: FAnoGANConfig 
     return store, RunPaths(Path(run_dir)), config, source
 
 
+class _Stage:
+    """What both training stages share: log rows, divergence checks, checkpoints and ``run.json``.
+
+    A stage sets ``name`` (``"gan"``, ``"encoder"``; its checkpoints and log rows), ``label``
+    (in messages) and ``counter`` (the log column of its step count, :attr:`done`), and gives:
+    ``_log_row(info, values)`` for one pending log point (the row, its TensorBoard step and,
+    when the values diverged, the message), ``_progress_text()``, ``_trained()`` (the networks
+    it trains), ``_state(t0)`` (its checkpoint), ``_total()``, ``_plan(total)`` (the
+    ``run.json`` entry of a starting stage), ``_loop(log, t0, total)``, ``_finished(status,
+    seconds)`` (the entry of an ending one) and ``_result(steps_run, seconds)``. A pending log
+    point is ``(info, losses, time)``, the losses a tensor still on the device.
+    """
+
+    name: str
+    label: str
+    counter: str
+
+    def __init__(self, store: Path, paths: RunPaths, config: FAnoGANConfig, rt: Runtime, *, progress: bool) -> None:
+        self.store, self.paths, self.config, self.rt = store, paths, config, rt
+        self.seed = config.runtime.seed
+        self.progress_enabled = progress
+        self.pending: list[tuple[Any, torch.Tensor, float]] = []
+        self.last: dict[str, float | None] = {}
+        self.last_good: Path | None = None
+        self.resumed_from: int | None = None
+        self.elapsed = 0.0
+
+    @property
+    def done(self) -> int:
+        """Steps trained so far (the ``counter`` column)."""
+        return int(getattr(self, self.counter))
+
+    def _flush(self, log: _Log, t0: float) -> None:
+        if not self.pending:
+            return
+        values = all_mean(torch.stack([p[1] for p in self.pending]), self.rt.dist).cpu().tolist()
+        diverged = None
+        for (info, _, t), v in zip(self.pending, values, strict=True):
+            row, tb_step, diverged = self._log_row(info, v)
+            log.write({**row, "seconds": round(self.elapsed + t - t0, 3)}, tb_step)
+            if diverged is not None:
+                break
+        self.pending.clear()
+        log.flush()
+        if diverged is not None:
+            keep = (f"last good checkpoint {self.last_good} is kept" if self.last_good
+                    else "no checkpoint was written")
+            raise TrainingDiverged(f"{diverged}; {keep}")
+        log.progress(self.done, self._progress_text())
+
+    def _save(self, log: _Log, t0: float, snapshot: bool) -> None:
+        self._flush(log, t0)
+        if not _params_finite(*self._trained()):
+            raise TrainingDiverged(f"{self.label} training diverged at {self.counter.replace('_', ' ')} {self.done}: "
+                                   f"non-finite weights; last good checkpoint {self.last_good or '(none)'} is kept")
+        if self.rt.dist.main:
+            state = self._state(t0)
+            save_atomic(state, self.paths.checkpoint(self.name))
+            if snapshot:
+                save_atomic(state, self.paths.checkpoint(self.name, self.done))
+        self.last_good = self.paths.checkpoint(self.name)
+
+    def _kept_row(self, row: dict[str, str]) -> bool:
+        """Rows of an earlier ``log.csv`` that stay: other stages', and this one's up to the resumed step."""
+        return row.get("stage") != self.name or (self.resumed_from is not None and row.get(self.counter, "") != ""
+                                                 and int(row[self.counter]) <= self.resumed_from)
+
+    def run(self) -> dict[str, Any]:
+        """Train the stage to its end; returns :meth:`_result`."""
+        d = self.rt.dist
+        total = self._total()
+        if d.main:
+            _update_run_json(self.paths, self.store, self.name,
+                             {"status": "running", **self.rt.describe(), **self._plan(total)})
+        start_step = self.done
+        log = _Log(self.paths, self.name, keep=self._kept_row, enabled=d.main,
+                   tensorboard=self.config.runtime.tensorboard, progress=self.progress_enabled and d.main,
+                   total=total, done=self.done)
+        t0 = time.perf_counter()
+        status = "interrupted"
+        try:
+            self._loop(log, t0, total)
+            status = "complete"
+        except TrainingDiverged:
+            status = "diverged"
+            raise
+        except Exception:
+            status = "failed"
+            raise
+        finally:
+            log.close()
+            seconds = round(self.elapsed + time.perf_counter() - t0, 3)
+            if d.main:
+                _update_run_json(self.paths, self.store, self.name, self._finished(status, seconds))
+        barrier(d)
+        return self._result(self.done - start_step, seconds)
+
+
 # --------------------------------------------------------------------------------------------
 # GAN stage
 # --------------------------------------------------------------------------------------------
@@ -501,13 +599,13 @@ def _existing_checkpoint(paths: RunPaths, stage: str, config: FAnoGANConfig, *, 
     return ckpt
 
 
-class _GANTrainer:
+class _GANTrainer(_Stage):
+    name, label, counter = "gan", "GAN", "critic_step"
+
     def __init__(self, store: Path, paths: RunPaths, config: FAnoGANConfig, source: _PatchSource, rt: Runtime, *,
                  resume: bool, overwrite: bool, progress: bool) -> None:
-        self.store, self.paths, self.config, self.rt = store, paths, config, rt
+        super().__init__(store, paths, config, rt, progress=progress)
         self.cfg = config.gan
-        self.seed = config.runtime.seed
-        self.progress_enabled = progress
         d = rt.dist
         ckpt = _existing_checkpoint(paths, "gan", config, resume=resume, overwrite=overwrite,
                                     what="a GAN checkpoint", restart="start again")
@@ -528,7 +626,6 @@ class _GANTrainer:
         g, dnet, _ = build_networks(config)
         self.critic_step = 0
         self.generator_step = 0
-        self.elapsed = 0.0
         if ckpt is not None:
             g.load_state_dict(ckpt["generator"])
             dnet.load_state_dict(ckpt["discriminator"])
@@ -552,8 +649,6 @@ class _GANTrainer:
         self.g_sample = maybe_compile(self.g, rt)
         self.d_train = ddp(self.d, rt)
         self.noise = torch.Generator()
-        self.pending: list[tuple[int, int, bool, torch.Tensor, float]] = []
-        self.last: dict[str, float | None] = {}
 
     # ---- steps -------------------------------------------------------------------------------
     def _z(self, stream: int, step: int) -> torch.Tensor:
@@ -596,121 +691,88 @@ class _GANTrainer:
     def _crossed(self, before: int, after: int, every: int) -> bool:
         return every > 0 and self._units(after) // every > self._units(before) // every
 
-    def _flush(self, log: _Log, t0: float) -> None:
-        if not self.pending:
-            return
-        values = all_mean(torch.stack([p[3] for p in self.pending]), self.rt.dist).cpu().tolist()
-        bad = None
-        for (c, gs, has_g, _, t), (d_loss, w, gp, g_loss) in zip(self.pending, values, strict=True):
-            row = {"stage": "gan", "critic_step": c, "generator_step": gs, "d_loss": d_loss,
-                   "g_loss": g_loss if has_g else None, "wasserstein": w, "gp": gp,
-                   "seconds": round(self.elapsed + t - t0, 3)}
-            log.write(row, c)
-            self.last = {"d_loss": d_loss, "g_loss": row["g_loss"], "wasserstein": w, "gp": gp}
-            finite = all(math.isfinite(v) for v in (d_loss, w, gp) + ((g_loss,) if has_g else ()))
-            if not finite or abs(w) > self.cfg.max_wasserstein:
-                bad = (c, gs, finite, d_loss, row["g_loss"], w, gp)
-                break
-        self.pending.clear()
-        log.flush()
-        if bad is not None:
-            c, gs, finite, d_loss, g_loss, w, gp = bad
-            what = "a non-finite loss" if not finite else \
-                f"|Wasserstein estimate| > gan.max_wasserstein ({self.cfg.max_wasserstein:g})"
-            keep = (f"last good checkpoint {self.last_good} is kept" if self.last_good
-                    else "no checkpoint was written")
-            raise TrainingDiverged(f"GAN training diverged at critic step {c} (generator step {gs}): {what} "
-                                   f"(d_loss={d_loss:.4g}, g_loss={_fmt(g_loss) or '-'}, wasserstein={w:.4g}, "
-                                   f"gp={gp:.4g}); {keep}")
-        log.progress(self.critic_step, f"D {self.last['d_loss']:.3f} G {_fmt(self.last['g_loss']) or '-'} "
-                                       f"W {self.last['wasserstein']:.3f} GP {self.last['gp']:.3f}")
+    def _log_row(self, info: tuple[int, int, bool], values: list[float]
+                 ) -> tuple[dict[str, Any], int, str | None]:
+        c, gs, has_g = info
+        d_loss, w, gp, g_loss = values
+        row = {"stage": "gan", "critic_step": c, "generator_step": gs, "d_loss": d_loss,
+               "g_loss": g_loss if has_g else None, "wasserstein": w, "gp": gp}
+        self.last = {"d_loss": d_loss, "g_loss": row["g_loss"], "wasserstein": w, "gp": gp}
+        finite = all(math.isfinite(v) for v in (d_loss, w, gp) + ((g_loss,) if has_g else ()))
+        if finite and abs(w) <= self.cfg.max_wasserstein:
+            return row, c, None
+        what = "a non-finite loss" if not finite else \
+            f"|Wasserstein estimate| > gan.max_wasserstein ({self.cfg.max_wasserstein:g})"
+        return row, c, (f"GAN training diverged at critic step {c} (generator step {gs}): {what} "
+                        f"(d_loss={d_loss:.4g}, g_loss={_fmt(row['g_loss']) or '-'}, wasserstein={w:.4g}, "
+                        f"gp={gp:.4g})")
 
-    def _save(self, log: _Log, t0: float, snapshot: bool) -> None:
-        self._flush(log, t0)
-        if not _params_finite(self.g, self.d):
-            raise TrainingDiverged(f"GAN training diverged at critic step {self.critic_step}: non-finite weights; "
-                                   f"last good checkpoint {self.last_good or '(none)'} is kept")
-        if self.rt.dist.main:
-            state = {
-                **_checkpoint_base("gan", self.config, self.rt),
-                "generator": self.g.state_dict(), "discriminator": self.d.state_dict(), "encoder": None,
-                "optimizers": {"generator": self.opt_g.state_dict(), "discriminator": self.opt_d.state_dict()},
-                "counters": {"critic_step": self.critic_step, "generator_step": self.generator_step,
-                             "seconds": round(self.elapsed + time.perf_counter() - t0, 3)},
-                "data": self.stream.state(), "rng": capture_rng_state(), "held_out": self.held_out,
-            }
-            save_atomic(state, self.paths.checkpoint("gan"))
-            if snapshot:
-                save_atomic(state, self.paths.checkpoint("gan", self.critic_step))
-        self.last_good = self.paths.checkpoint("gan")
+    def _progress_text(self) -> str:
+        return (f"D {self.last['d_loss']:.3f} G {_fmt(self.last['g_loss']) or '-'} "
+                f"W {self.last['wasserstein']:.3f} GP {self.last['gp']:.3f}")
+
+    def _trained(self) -> tuple[nn.Module, ...]:
+        return self.g, self.d
+
+    def _state(self, t0: float) -> dict[str, Any]:
+        return {
+            **_checkpoint_base("gan", self.config, self.rt),
+            "generator": self.g.state_dict(), "discriminator": self.d.state_dict(), "encoder": None,
+            "optimizers": {"generator": self.opt_g.state_dict(), "discriminator": self.opt_d.state_dict()},
+            "counters": {"critic_step": self.critic_step, "generator_step": self.generator_step,
+                         "seconds": round(self.elapsed + time.perf_counter() - t0, 3)},
+            "data": self.stream.state(), "rng": capture_rng_state(), "held_out": self.held_out,
+        }
 
     # ---- loop ----------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
-        cfg, rt, d = self.cfg, self.rt, self.rt.dist
-        total, k = cfg.critic_steps_for(len(self.stream.indices) // self.stream.per_step), cfg.critic_iters
+    def _total(self) -> int:
+        return self.cfg.critic_steps_for(len(self.stream.indices) // self.stream.per_step)
+
+    def _plan(self, total: int) -> dict[str, Any]:
+        return {"held_out": self.held_out, "n_train": self.n_train, "n_held_out": self.n_val,
+                "total_critic_steps": total, "count": self.cfg.count}
+
+    def _loop(self, log: _Log, t0: float, total: int) -> None:
+        cfg, d, k = self.cfg, self.rt.dist, self.cfg.critic_iters
+        acc: torch.Tensor | None = None
+        n_acc = 0
+        g_loss: torch.Tensor | None = None
+        boundary = self.critic_step
+        while self.critic_step < total:
+            if self.critic_step > 0 and self.critic_step % k == 0:
+                g_loss = self._generator_step()
+                self.generator_step += 1
+            stats = self._critic_step()
+            self.critic_step += 1
+            acc = stats if acc is None else acc + stats
+            n_acc += 1
+            if self.critic_step % k and self.critic_step != total:
+                continue
+            row = torch.cat([acc / n_acc, (g_loss if g_loss is not None else acc.new_full((), math.nan))[None]])
+            self.pending.append(((self.critic_step, self.generator_step, g_loss is not None), row,
+                                 time.perf_counter()))
+            acc, n_acc, g_loss = None, 0, None
+            before, boundary = boundary, self.critic_step
+            final = self.critic_step == total
+            log.progress(self.critic_step)
+            if final or self._crossed(before, boundary, cfg.checkpoint_every):
+                self._save(log, t0, snapshot=self._crossed(before, boundary, cfg.snapshot_every) or final)
+            elif self._crossed(before, boundary, cfg.log_every):
+                self._flush(log, t0)
+            if d.main and (self._crossed(before, boundary, cfg.sample_every) or final and cfg.sample_every):
+                _write_samples(self.g, self.paths.samples / f"gan-{self.critic_step:08d}.png", self.seed, cfg.prior)
         if d.main:
-            _update_run_json(self.paths, self.store, "gan", {
-                "status": "running", **rt.describe(), "held_out": self.held_out, "n_train": self.n_train,
-                "n_held_out": self.n_val, "total_critic_steps": total, "count": cfg.count})
-        start_step = self.critic_step
+            _write_interpolation(self.g, self.paths.samples / "interpolation.png", self.seed, cfg.prior)
 
-        def keep(row: dict[str, str]) -> bool:
-            return row.get("stage") != "gan" or (self.resumed_from is not None and row.get("critic_step", "") != ""
-                                                 and int(row["critic_step"]) <= self.resumed_from)
+    def _finished(self, status: str, seconds: float) -> dict[str, Any]:
+        return {"status": status, "critic_step": self.critic_step, "generator_step": self.generator_step,
+                "seconds": seconds}
 
-        log = _Log(self.paths, "gan", keep=keep, enabled=d.main, tensorboard=self.config.runtime.tensorboard,
-                   progress=self.progress_enabled and d.main, total=total, done=self.critic_step)
-        t0 = time.perf_counter()
-        status = "interrupted"
-        try:
-            acc: torch.Tensor | None = None
-            n_acc = 0
-            g_loss: torch.Tensor | None = None
-            boundary = self.critic_step
-            while self.critic_step < total:
-                if self.critic_step > 0 and self.critic_step % k == 0:
-                    g_loss = self._generator_step()
-                    self.generator_step += 1
-                stats = self._critic_step()
-                self.critic_step += 1
-                acc = stats if acc is None else acc + stats
-                n_acc += 1
-                if self.critic_step % k and self.critic_step != total:
-                    continue
-                row = torch.cat([acc / n_acc, (g_loss if g_loss is not None else acc.new_full((), math.nan))[None]])
-                self.pending.append((self.critic_step, self.generator_step, g_loss is not None, row,
-                                     time.perf_counter()))
-                acc, n_acc, g_loss = None, 0, None
-                before, boundary = boundary, self.critic_step
-                final = self.critic_step == total
-                log.progress(self.critic_step)
-                if final or self._crossed(before, boundary, cfg.checkpoint_every):
-                    self._save(log, t0, snapshot=self._crossed(before, boundary, cfg.snapshot_every) or final)
-                elif self._crossed(before, boundary, cfg.log_every):
-                    self._flush(log, t0)
-                if d.main and (self._crossed(before, boundary, cfg.sample_every) or final and cfg.sample_every):
-                    _write_samples(self.g, self.paths.samples / f"gan-{self.critic_step:08d}.png", self.seed, cfg.prior)
-            if d.main:
-                _write_interpolation(self.g, self.paths.samples / "interpolation.png", self.seed, cfg.prior)
-            status = "complete"
-        except TrainingDiverged:
-            status = "diverged"
-            raise
-        except Exception:
-            status = "failed"
-            raise
-        finally:
-            log.close()
-            seconds = round(self.elapsed + time.perf_counter() - t0, 3)
-            if d.main:
-                _update_run_json(self.paths, self.store, "gan", {
-                    "status": status, "critic_step": self.critic_step, "generator_step": self.generator_step,
-                    "seconds": seconds})
-        barrier(d)
+    def _result(self, steps_run: int, seconds: float) -> dict[str, Any]:
         return {"stage": "gan", "critic_step": self.critic_step, "generator_step": self.generator_step,
-                "resumed_from": self.resumed_from, "steps_run": self.critic_step - start_step,
+                "resumed_from": self.resumed_from, "steps_run": steps_run,
                 "checkpoint": self.paths.checkpoint("gan"), "last": self.last, "seconds": seconds,
-                "runtime": rt.describe(), "held_out": self.held_out}
+                "runtime": self.rt.describe(), "held_out": self.held_out}
 
 
 # --------------------------------------------------------------------------------------------
@@ -765,13 +827,13 @@ def train_encoder(
                                progress=progress).run()
 
 
-class _EncoderTrainer:
+class _EncoderTrainer(_Stage):
+    name, label, counter = "encoder", "encoder", "step"
+
     def __init__(self, store: Path, paths: RunPaths, config: FAnoGANConfig, source: _PatchSource, rt: Runtime, *,
                  resume: bool, overwrite: bool, progress: bool) -> None:
-        self.store, self.paths, self.config, self.rt = store, paths, config, rt
+        super().__init__(store, paths, config, rt, progress=progress)
         self.cfg = config.encoder
-        self.seed = config.runtime.seed
-        self.progress_enabled = progress
         d = rt.dist
         ckpt = _existing_checkpoint(paths, "encoder", config, resume=resume, overwrite=overwrite,
                                     what="an encoder checkpoint", restart="train it again")
@@ -823,7 +885,6 @@ class _EncoderTrainer:
         g.load_state_dict(source_ckpt["generator"])
         dnet.load_state_dict(source_ckpt["discriminator"])
         self.step = 0
-        self.elapsed = 0.0
         if ckpt is not None:
             e.load_state_dict(ckpt["encoder"])
             self.step = int(ckpt["counters"]["step"])
@@ -842,9 +903,8 @@ class _EncoderTrainer:
         self.g_fwd = maybe_compile(self.g, rt)
         self.d_feat = maybe_compile(self.d.features, rt)
         self.noise = torch.Generator()
-        self.pending: list[tuple[int, torch.Tensor, float | None, float]] = []
-        self.last: dict[str, float | None] = {}
         self.last_val: float | None = None
+        self.calibration_path: Path | None = None
 
     def _loss(self, x: torch.Tensor | None, z: torch.Tensor | None, encoder: Callable[[torch.Tensor], torch.Tensor]
               ) -> torch.Tensor:
@@ -900,28 +960,22 @@ class _EncoderTrainer:
         finally:
             self.e.train()
 
-    def _flush(self, log: _Log, t0: float) -> None:
-        if not self.pending:
-            return
-        values = all_mean(torch.stack([p[1] for p in self.pending]), self.rt.dist).cpu().tolist()
-        bad = None
-        for (step, _, val, t), loss in zip(self.pending, values, strict=True):
-            log.write({"stage": "encoder", "step": step, "loss": loss, "val_loss": val,
-                       "seconds": round(self.elapsed + t - t0, 3)}, step)
-            self.last = {"loss": loss, "val_loss": val}
-            if not math.isfinite(loss) or loss > self.cfg.max_loss:
-                bad = (step, loss)
-                break
-        self.pending.clear()
-        log.flush()
-        if bad is not None:
-            what = "a non-finite loss" if not math.isfinite(bad[1]) else \
-                f"loss > encoder.max_loss ({self.cfg.max_loss:g})"
-            keep = (f"last good checkpoint {self.last_good} is kept" if self.last_good
-                    else "no checkpoint was written")
-            raise TrainingDiverged(f"encoder training diverged at step {bad[0]}: {what} (loss={bad[1]:.4g}); {keep}")
+    def _log_row(self, info: tuple[int, float | None], values: float) -> tuple[dict[str, Any], int, str | None]:
+        step, val = info
+        loss = values
+        self.last = {"loss": loss, "val_loss": val}
+        row = {"stage": "encoder", "step": step, "loss": loss, "val_loss": val}
+        if math.isfinite(loss) and loss <= self.cfg.max_loss:
+            return row, step, None
+        what = "a non-finite loss" if not math.isfinite(loss) else f"loss > encoder.max_loss ({self.cfg.max_loss:g})"
+        return row, step, f"encoder training diverged at step {step}: {what} (loss={loss:.4g})"
+
+    def _progress_text(self) -> str:
         val = f" val {self.last_val:.4f}" if self.last_val is not None else ""
-        log.progress(self.step, f"{self.cfg.mode} {self.last['loss']:.4f}{val}")
+        return f"{self.cfg.mode} {self.last['loss']:.4f}{val}"
+
+    def _trained(self) -> tuple[nn.Module, ...]:
+        return (self.e,)
 
     def _state(self, t0: float) -> dict[str, Any]:
         return {
@@ -932,18 +986,6 @@ class _EncoderTrainer:
             "gan_steps": self.gan_steps, "data": self.stream.state(), "rng": capture_rng_state(),
             "held_out": self.held_out,
         }
-
-    def _save(self, log: _Log, t0: float, snapshot: bool) -> None:
-        self._flush(log, t0)
-        if not _params_finite(self.e):
-            raise TrainingDiverged(f"encoder training diverged at step {self.step}: non-finite weights; last good "
-                                   f"checkpoint {self.last_good or '(none)'} is kept")
-        if self.rt.dist.main:
-            state = self._state(t0)
-            save_atomic(state, self.paths.checkpoint("encoder"))
-            if snapshot:
-                save_atomic(state, self.paths.checkpoint("encoder", self.step))
-        self.last_good = self.paths.checkpoint("encoder")
 
     def _calibrate(self) -> tuple[Path | None, dict[str, Any] | None]:
         if self.val_source is None or len(self.val_idx) == 0:
@@ -960,68 +1002,48 @@ class _EncoderTrainer:
         write_text_atomic(self.paths.calibration, json.dumps(cal) + "\n")
         return self.paths.calibration, cal
 
-    def run(self) -> dict[str, Any]:
-        cfg, rt, d = self.cfg, self.rt, self.rt.dist
-        total = cfg.iterations
+    def _total(self) -> int:
+        return self.cfg.iterations
+
+    def _plan(self, total: int) -> dict[str, Any]:
+        return {"mode": self.cfg.mode, "held_out": self.held_out, "n_train": self.n_train,
+                "n_held_out": int(len(self.val_idx)), "iterations": total, "gan_steps": self.gan_steps}
+
+    def _loop(self, log: _Log, t0: float, total: int) -> None:
+        cfg, d = self.cfg, self.rt.dist
+        while self.step < total:
+            before = self.step
+            loss = self._train_step()
+            self.step += 1
+            final = self.step == total
+            val = None
+            if final or (cfg.val_every and self.step // cfg.val_every > before // cfg.val_every):
+                val = self.last_val = self._validate()
+            self.pending.append(((self.step, val), loss, time.perf_counter()))
+            log.progress(self.step)
+            if final or self.step // cfg.checkpoint_every > before // cfg.checkpoint_every:
+                snap = final or (cfg.snapshot_every > 0 and self.step // cfg.snapshot_every >
+                                 before // cfg.snapshot_every)
+                self._save(log, t0, snapshot=snap)
+            elif self.step // cfg.log_every > before // cfg.log_every:
+                self._flush(log, t0)
         if d.main:
-            _update_run_json(self.paths, self.store, "encoder", {
-                "status": "running", **rt.describe(), "mode": cfg.mode, "held_out": self.held_out,
-                "n_train": self.n_train, "n_held_out": int(len(self.val_idx)), "iterations": total,
-                "gan_steps": self.gan_steps})
-        start_step = self.step
+            self.calibration_path, cal = self._calibrate()
+            bundle = {**_checkpoint_base("bundle", self.config, self.rt), "generator": self.g.state_dict(),
+                      "discriminator": self.d.state_dict(), "encoder": self.e.state_dict(),
+                      "calibration": cal, "counters": {"step": self.step, **self.gan_steps},
+                      "preprocess": store_preprocessing(self.store, (self.config.data.split,
+                                                                     self.config.data.val_split))}
+            save_atomic(bundle, self.paths.bundle)
 
-        def keep(row: dict[str, str]) -> bool:
-            return row.get("stage") != "encoder" or (self.resumed_from is not None and row.get("step", "") != ""
-                                                     and int(row["step"]) <= self.resumed_from)
+    def _finished(self, status: str, seconds: float) -> dict[str, Any]:
+        return {"status": status, "step": self.step, "seconds": seconds, "val_loss": self.last_val}
 
-        log = _Log(self.paths, "encoder", keep=keep, enabled=d.main, tensorboard=self.config.runtime.tensorboard,
-                   progress=self.progress_enabled and d.main, total=total, done=self.step)
-        t0 = time.perf_counter()
-        status = "interrupted"
-        calibration_path = None
-        try:
-            while self.step < total:
-                before = self.step
-                loss = self._train_step()
-                self.step += 1
-                final = self.step == total
-                val = None
-                if final or (cfg.val_every and self.step // cfg.val_every > before // cfg.val_every):
-                    val = self.last_val = self._validate()
-                self.pending.append((self.step, loss, val, time.perf_counter()))
-                log.progress(self.step)
-                if final or self.step // cfg.checkpoint_every > before // cfg.checkpoint_every:
-                    snap = final or (cfg.snapshot_every > 0 and self.step // cfg.snapshot_every >
-                                     before // cfg.snapshot_every)
-                    self._save(log, t0, snapshot=snap)
-                elif self.step // cfg.log_every > before // cfg.log_every:
-                    self._flush(log, t0)
-            if d.main:
-                calibration_path, cal = self._calibrate()
-                bundle = {**_checkpoint_base("bundle", self.config, self.rt), "generator": self.g.state_dict(),
-                          "discriminator": self.d.state_dict(), "encoder": self.e.state_dict(),
-                          "calibration": cal, "counters": {"step": self.step, **self.gan_steps},
-                          "preprocess": store_preprocessing(self.store, (self.config.data.split,
-                                                                         self.config.data.val_split))}
-                save_atomic(bundle, self.paths.bundle)
-            status = "complete"
-        except TrainingDiverged:
-            status = "diverged"
-            raise
-        except Exception:
-            status = "failed"
-            raise
-        finally:
-            log.close()
-            seconds = round(self.elapsed + time.perf_counter() - t0, 3)
-            if d.main:
-                _update_run_json(self.paths, self.store, "encoder", {
-                    "status": status, "step": self.step, "seconds": seconds, "val_loss": self.last_val})
-        barrier(d)
+    def _result(self, steps_run: int, seconds: float) -> dict[str, Any]:
         return {"stage": "encoder", "step": self.step, "resumed_from": self.resumed_from,
-                "steps_run": self.step - start_step, "checkpoint": self.paths.checkpoint("encoder"),
-                "last": self.last, "val_loss": self.last_val, "calibration": calibration_path,
-                "bundle": self.paths.bundle, "seconds": seconds, "runtime": rt.describe(),
+                "steps_run": steps_run, "checkpoint": self.paths.checkpoint("encoder"),
+                "last": self.last, "val_loss": self.last_val, "calibration": self.calibration_path,
+                "bundle": self.paths.bundle, "seconds": seconds, "runtime": self.rt.describe(),
                 "held_out": self.held_out}
 
 
