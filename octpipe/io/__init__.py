@@ -1,8 +1,9 @@
-"""Readers and writers, one module per format; every reader returns an OctVolume.
+"""Readers, one module per format; every reader returns an OctVolume.
 
 :func:`read_volume` and :func:`read_volumes` detect the format from the bytes
 (:func:`~octpipe.io.detect.detect_format`) and call the right reader. Vendor modules
-are imported only when their format is met.
+are imported only when their format is met. Writers of phantom files in these formats
+are in :mod:`octpipe.io.writers`.
 """
 
 from __future__ import annotations
