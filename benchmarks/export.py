@@ -54,8 +54,9 @@ def _make_store(root: Path) -> tuple[Path, str]:
 def _paper_model_dir(root: Path) -> Path:
     import numpy as np
 
-    from octpipe.models.fanogan.checkpoint import FAnoGANModel, build_networks, save_model
+    from octpipe.models.fanogan.checkpoint import save_model
     from octpipe.models.fanogan.config import load_config
+    from octpipe.models.fanogan.model import FAnoGANModel, build_networks
     from octpipe.models.fanogan.score import SCORE_NAMES, calibrate
 
     cfg = load_config(ROOT / "pipelines" / "fanogan.yaml")

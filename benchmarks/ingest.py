@@ -306,7 +306,8 @@ STAGES = ("file_sha256", "read_volumes", "_load_mask", "prepare_volume", "to_dis
 
 def profile_one(source: Path, work: Path) -> dict:
     """Where one volume's time goes, in-process (workers=0): cProfile of ingest_one."""
-    from octpipe.pipeline import discover_inputs, ingest_one
+    from octpipe.inputs import discover_inputs
+    from octpipe.pipeline import ingest_one
     from octpipe.store import open_store, store_salt
 
     (item,), _ = discover_inputs([source])

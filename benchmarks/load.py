@@ -45,7 +45,7 @@ def _hwm_bytes(pid: int) -> int:
 
 def make_inputs(src: Path, n: int) -> float:
     """Write one full-size phantom, then n copies differing in their SLO bytes; return seconds taken."""
-    from octpipe.io.heyex_vol import write_heyex_vol
+    from octpipe.io.writers.heyex_vol import write_heyex_vol
     from octpipe.testing.phantoms import make_phantom
 
     t0 = time.perf_counter()

@@ -246,9 +246,10 @@ STAGES = ("read", "display_normalise", "downsample", "segmentation", "choose_lay
 
 def stage_once(path: Path, store: Path, salt: str) -> dict[str, dict[str, float]]:
     """Run and time every stage on one volume, then the wholes; check they agree."""
+    from octpipe.inputs import annotation_sidecar, discover_inputs
     from octpipe.io import read_volume
     from octpipe.io._common import file_sha256
-    from octpipe.pipeline import _load_mask, annotation_sidecar, discover_inputs, ingest_one
+    from octpipe.pipeline import _load_mask, ingest_one
     from octpipe.preprocess.flatten import flatten_geometry, flatten_image, flatten_map
     from octpipe.preprocess.intensity import display_full_scale, normalize_volume, to_display
     from octpipe.preprocess.layers import choose_layers, segment_ilm_bm
@@ -458,7 +459,7 @@ def pid_and_hwm() -> tuple[int, int]:
 def start_cluster(workers: int):
     from dask.distributed import Client
 
-    from octpipe.pipeline import local_cluster
+    from octpipe.edge import local_cluster
 
     t0 = time.perf_counter()
     cluster = local_cluster(workers)
@@ -896,7 +897,7 @@ def main() -> None:
                        "workers=0 and workers=2 (pre-started LocalCluster via scheduler=), repeats alternating; "
                        "patches/s = n_patches / median wall; end-to-end workers=2 starts its own cluster",
             "memory": "each (volumes, workers) in a fresh subprocess: ingest + train + test into a fresh store; "
-                      "workers=2: own LocalCluster (octpipe.pipeline.local_cluster settings) in the child, passed "
+                      "workers=2: own LocalCluster (octpipe.edge.local_cluster settings) in the child, passed "
                       "as scheduler=; maxrss = the kernel's peak RSS, /proc/self/status VmHWM read at the end (main; "
                       "workers via client.run), not ru_maxrss, which on Linux includes the parent's RSS at fork; "
                       f"sampled = psutil every {args.interval} s, per phase",

@@ -25,7 +25,7 @@ from octpipe.volume import OctVolume
 
 if TYPE_CHECKING:
     from octpipe.export.anomaly import VolumeAnomaly, VolumeInput
-    from octpipe.models.fanogan.checkpoint import FAnoGANModel
+    from octpipe.models.fanogan.model import FAnoGANModel
     from octpipe.preprocess.layers import LayerResult
 
 __all__ = ["read_volume", "read_volumes", "segment_layers", "prepare", "load_model", "anomaly_map", "open_store",

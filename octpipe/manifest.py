@@ -14,9 +14,22 @@ from functools import cache
 from pathlib import Path
 
 from octpipe.errors import OctpipeError
-from octpipe.pipeline import MANIFEST_FIELDS
 
-__all__ = ["load_manifest", "manifest_schema"]
+__all__ = ["MANIFEST_FIELDS", "load_manifest", "manifest_row", "manifest_schema"]
+
+#: Manifest columns, in order (the schema is ``data_manifests/ingest-manifest.schema.json``). ``images`` says how
+#: an image input was taken: ``volume`` (a folder of B-scans read as one volume), ``bscan`` (an image file on its
+#: own), empty for vendor files and rows that read nothing.
+MANIFEST_FIELDS = ("volume_id", "path", "sha256", "format", "images", "series", "shape", "spacing_mm",
+                   "spacing_source", "laterality", "status", "error", "seconds")
+
+
+def manifest_row(**values: object) -> dict[str, object]:
+    """A manifest row: every column of :data:`MANIFEST_FIELDS`, empty unless given."""
+    row: dict[str, object] = dict.fromkeys(MANIFEST_FIELDS, "")
+    row.update(values)
+    return row
+
 
 _SCHEMA_PATH = Path(__file__).resolve().parents[1] / "data_manifests" / "ingest-manifest.schema.json"
 

@@ -23,15 +23,16 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import product
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
+from octpipe.edge import run_tasks, staged_dir
 from octpipe.errors import OctpipeError
 
 __all__ = [
@@ -134,7 +135,7 @@ def _volume_rng(seed: int, volume_id: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, int(volume_id.lstrip("v")[:12], 16)]))
 
 
-def _volume_patches(store: str, volume_id: str, split: str, patch: int, stride: int, k: int, seed: int,
+def _volume_patches(volume_id: str, store: str, split: str, patch: int, stride: int, k: int, seed: int,
                     dtype: str) -> dict[str, np.ndarray | int]:
     """One Dask task: read a volume's flattened area and mask, return its patches."""
     import zarr
@@ -242,7 +243,7 @@ def write_patch_split(
     chunk : int
         Patches per Zarr chunk.
     workers, scheduler
-        As for :func:`octpipe.pipeline.ingest`; ``workers=0`` runs in this process.
+        As for :func:`octpipe.edge.run_tasks`; ``workers=0`` runs in this process.
     overwrite : bool
         Replace an existing split.
     progress : bool
@@ -310,14 +311,6 @@ def _write_patch_split_locked(store: Path, split: str, *, patch: int, stride: in
 
     from octpipe.store import FAST_ZSTD
 
-    staging = store / ".staging" / f"patches-{name}-{uuid.uuid4().hex[:8]}"
-    group = zarr.open_group(str(staging), mode="w")
-    arrays = {
-        "x": group.create_array("x", shape=(0, patch, patch), dtype=dtype, chunks=(chunk, patch, patch),
-                                compressors=FAST_ZSTD),
-        "index": group.create_array("index", shape=(0, 4), dtype="int32", chunks=(chunk * 16, 4)),
-        "label": group.create_array("label", shape=(0,), dtype="int8", chunks=(chunk * 16,)),
-    }
     buffers: dict[str, list[np.ndarray]] = {name: [] for name in ("x", "index", "label", "mask")}
     counts = {"n": 0, "buffered": 0}
 
@@ -370,43 +363,46 @@ def _write_patch_split_locked(store: Path, split: str, *, patch: int, stride: in
         task_id = bar.add_task(f"patches {split}", total=len(vids))
         bar.start()
     try:
-        _run_tasks(vids, str(store), split, args, workers, scheduler, collect,
-                   (lambda: bar.advance(task_id)) if bar else None)
-        flush(final=True)
-        labels = arrays["label"][...]
-        label_counts = {int(v): int((labels == v).sum()) for v in (-1, 0, 1)}
-        has_mask = "mask" in arrays
-        if has_mask and arrays["mask"].shape[0] != arrays["x"].shape[0]:
-            raise OctpipeError("some volumes have lesion masks and others not; mask array incomplete", store)
-        if shuffle and arrays["x"].shape[0] > 1:
-            shuffled = staging.with_name(staging.name + "-shuffled")
-            try:
-                group = shuffle_rows(group, shuffled, seed=seed)
-            except BaseException:
-                shutil.rmtree(shuffled, ignore_errors=True)  # the outer handler removes the unshuffled copy
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
-            staging = shuffled
-            arrays = {k: group[k] for k in arrays}
-        group.attrs.update({
-            "split": name, "sampling": split, "order": "random" if shuffle else "volume", "volumes": vids,
-            "patch": patch, "stride": stride, "k_per_bscan": k, "seed": seed,
-            "dtype": dtype, "n": int(arrays["x"].shape[0]), "label_counts": label_counts,
-            "index_columns": ["volume", "bscan", "row", "col"], "geometry": "flattened area (flat)",
-        })
-        (store / "patches").mkdir(exist_ok=True)
-        if not (store / "patches" / "zarr.json").exists():
-            zarr.open_group(str(store), mode="r+").require_group("patches")
-        if target.exists():
-            old = store / ".staging" / f"old-{name}-{uuid.uuid4().hex[:8]}"
-            os.rename(target, old)
-            os.rename(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with staged_dir(target, under=store / ".staging", prefix="patches-") as staging:
+            group = zarr.open_group(str(staging), mode="w")
+            arrays = {
+                "x": group.create_array("x", shape=(0, patch, patch), dtype=dtype, chunks=(chunk, patch, patch),
+                                        compressors=FAST_ZSTD),
+                "index": group.create_array("index", shape=(0, 4), dtype="int32", chunks=(chunk * 16, 4)),
+                "label": group.create_array("label", shape=(0,), dtype="int8", chunks=(chunk * 16,)),
+            }
+            task = partial(_volume_patches, store=str(store), split=split, **args)
+            tasks = run_tasks(task, vids, workers=workers, scheduler=scheduler, ordered=True, catch=False)
+            for number, (_, result) in enumerate(tasks):
+                collect(number, result)
+                if bar:
+                    bar.advance(task_id)
+            flush(final=True)
+            labels = arrays["label"][...]
+            label_counts = {int(v): int((labels == v).sum()) for v in (-1, 0, 1)}
+            has_mask = "mask" in arrays
+            if has_mask and arrays["mask"].shape[0] != arrays["x"].shape[0]:
+                raise OctpipeError("some volumes have lesion masks and others not; mask array incomplete", store)
+            if shuffle and arrays["x"].shape[0] > 1:
+                shuffled = staging.with_name(staging.name + "-shuffled")
+                try:
+                    shuffle_rows(group, shuffled, seed=seed)
+                except BaseException:
+                    shutil.rmtree(shuffled, ignore_errors=True)  # staged_dir removes the unshuffled copy
+                    raise
+                shutil.rmtree(staging)
+                os.rename(shuffled, staging)
+                group = zarr.open_group(str(staging), mode="r+")
+                arrays = {k: group[k] for k in arrays}
+            group.attrs.update({
+                "split": name, "sampling": split, "order": "random" if shuffle else "volume", "volumes": vids,
+                "patch": patch, "stride": stride, "k_per_bscan": k, "seed": seed,
+                "dtype": dtype, "n": int(arrays["x"].shape[0]), "label_counts": label_counts,
+                "index_columns": ["volume", "bscan", "row", "col"], "geometry": "flattened area (flat)",
+            })
+            (store / "patches").mkdir(exist_ok=True)
+            if not (store / "patches" / "zarr.json").exists():
+                zarr.open_group(str(store), mode="r+").require_group("patches")
     finally:
         if bar:
             bar.stop()
@@ -449,39 +445,3 @@ def shuffle_rows(group, path: Path, *, seed: int, block_bytes: int = SHUFFLE_BLO
     out.attrs.update(dict(group.attrs))
     return out
 
-
-def _run_tasks(vids, store, split, args, workers, scheduler, collect, advance) -> None:
-    """Run one task per volume, collecting results in volume order with a bounded window."""
-    if workers == 0 and scheduler is None:
-        for number, vid in enumerate(vids):
-            collect(number, _volume_patches(store, vid, split, **args))
-            if advance:
-                advance()
-        return
-    from dask.distributed import Client
-
-    cluster = None
-    if scheduler:
-        client = Client(scheduler)
-    else:
-        from octpipe.pipeline import local_cluster
-
-        cluster = local_cluster(workers or os.cpu_count() or 1)
-        client = Client(cluster)
-    try:
-        window = 2 * max(1, len(client.scheduler_info().get("workers", {})) or 1)
-        pending: dict[int, object] = {}
-        nxt = 0
-        for number in range(len(vids)):
-            while nxt < len(vids) and len(pending) < window:
-                pending[nxt] = client.submit(_volume_patches, store, vids[nxt], split, pure=False, **args)
-                nxt += 1
-            future = pending.pop(number)
-            collect(number, future.result())
-            del future
-            if advance:
-                advance()
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()

@@ -40,13 +40,8 @@ under ``.staging/`` is removed by the next writer.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
-import os
 import secrets
-import shutil
-import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,6 +53,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from octpipe import __version__
+from octpipe.edge import LOCK_NAME, folder_lock, staged_dir
 from octpipe.errors import OctpipeError
 from octpipe.ome import AXES, multiscales_metadata
 from octpipe.privacy import pseudonymous_id
@@ -79,9 +75,6 @@ __all__ = [
     "store_lock",
     "LOCK_NAME",
 ]
-
-#: The lock file of a store (see :func:`store_lock`).
-LOCK_NAME = ".lock"
 
 #: Layout version in the root attribute ``octpipe_store``. Readers only check that it is
 #: present. Bump it for a change old readers cannot read, not for additive attributes (the
@@ -232,39 +225,24 @@ def write_volume(
     target = store / "volumes" / volume_id
     if target.exists() and not overwrite:
         return False
-    staging = store / ".staging" / f"{volume_id}-{uuid.uuid4().hex[:8]}"
-    staging.parent.mkdir(parents=True, exist_ok=True)
     try:
-        ome = _ome_attrs(volume_id, arrays, attrs)  # before any write: a bad spacing fails fast
-        group = zarr.open_group(str(staging), mode="w")
-        for name, data in arrays.items():
-            data = np.asarray(data)
-            per_bscan = data.ndim == 3 and name in ("image", "flat", "mask", "valid")
-            chunks = (1, *data.shape[1:]) if per_bscan else data.shape
-            dims = AXES if name == "image" and data.ndim == 3 else None  # NGFF 0.5: dimension_names = axes
-            arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, compressors=FAST_ZSTD,
-                                     dimension_names=dims)
-            arr[...] = data
-            extra = (array_attrs or {}).get(name)
-            if extra:
-                arr.attrs.update(dict(extra))
-        group.attrs.update({**ome, **attrs, "status": "complete"})  # before the rename: atomic with the data
-        if target.exists():  # overwrite: move the old one aside first, then swap
-            trash = store / ".staging" / f"old-{volume_id}-{uuid.uuid4().hex[:8]}"
-            os.rename(target, trash)
-            os.rename(staging, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            try:
-                os.rename(staging, target)
-            except OSError:  # another worker finished the same volume first
-                if (target / "zarr.json").exists():
-                    shutil.rmtree(staging, ignore_errors=True)
-                    return False
-                raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with staged_dir(target, under=store / ".staging") as staging:
+            ome = _ome_attrs(volume_id, arrays, attrs)  # before any write: a bad spacing fails fast
+            group = zarr.open_group(str(staging), mode="w")
+            for name, data in arrays.items():
+                data = np.asarray(data)
+                per_bscan = data.ndim == 3 and name in ("image", "flat", "mask", "valid")
+                chunks = (1, *data.shape[1:]) if per_bscan else data.shape
+                dims = AXES if name == "image" and data.ndim == 3 else None  # NGFF 0.5: dimension_names = axes
+                arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
+                                         compressors=FAST_ZSTD, dimension_names=dims)
+                arr[...] = data
+                extra = (array_attrs or {}).get(name)
+                if extra:
+                    arr.attrs.update(dict(extra))
+            group.attrs.update({**ome, **attrs, "status": "complete"})  # before the rename: atomic with the data
+    except FileExistsError:  # another worker finished the same volume first
+        return False
     return True
 
 
@@ -339,29 +317,6 @@ def store_lock(path: str | Path, *, command: str = "octpipe") -> Iterator[Path]:
     if path.is_dir() and not (path / "zarr.json").exists() and any(p.name != LOCK_NAME for p in path.iterdir()):
         raise OctpipeError("folder exists and is not an empty octpipe store", path)
     path.mkdir(parents=True, exist_ok=True)
-    lock = path / LOCK_NAME
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise OctpipeError(f"cannot lock the store: {exc.strerror or exc}", path) from exc
-            holder = os.pread(fd, 200, 0).decode("ascii", "replace").split()
-            pid = holder[0] if holder else "unknown"
-            what = f" {holder[1]}" if len(holder) > 1 else ""
-            raise OctpipeError(f"store is being written by another octpipe{what} process (pid {pid}); "
-                               "wait for it to finish", path) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {command}\n".encode("ascii"), 0)
-        staging = path / ".staging"
-        if staging.is_dir():  # left by a run that died: nobody else can be writing there now
-            for child in staging.iterdir():
-                shutil.rmtree(child, ignore_errors=True)
-        try:
-            yield path
-        finally:
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    with folder_lock(path, command=command, stale=".staging/*",
+                     busy="store is being written by another octpipe {holder}; wait for it to finish"):
+        yield path

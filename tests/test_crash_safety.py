@@ -25,7 +25,7 @@ def _octpipe(*args: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> Path:
-    from octpipe.io.heyex_vol import write_heyex_vol
+    from octpipe.io.writers.heyex_vol import write_heyex_vol
 
     src = tmp_path_factory.mktemp("crash-src")
     for i in range(N_VOLUMES):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import zarr
 
-from octpipe.io.heyex_vol import write_heyex_vol
+from octpipe.io.writers.heyex_vol import write_heyex_vol
 from octpipe.ome import AXES, display_scale, multiscales_metadata
 from octpipe.pipeline import ingest
 from octpipe.store import complete_volumes, read_volume_attrs, read_volume_group, volume_ids, write_volume
@@ -99,17 +99,17 @@ def test_ome_zarr_py_reads_the_volume_with_its_scale(store):
 
 
 def test_metadata_is_written_before_the_rename(tmp_path, monkeypatch):
-    import octpipe.store as store_mod
+    import octpipe.edge as edge_mod
 
     (tmp_path / "volumes").mkdir()
     seen = []
-    real_rename = store_mod.os.rename
+    real_rename = edge_mod.os.rename
 
     def rename(src, dst):
         seen.append(json.loads((src / "zarr.json").read_text())["attributes"])
         real_rename(src, dst)
 
-    monkeypatch.setattr(store_mod.os, "rename", rename)
+    monkeypatch.setattr(edge_mod.os, "rename", rename)
     image = np.zeros((2, 8, 8), np.float32)
     assert write_volume(tmp_path, "v1", {"image": image}, {"spacing_mm": [0.1, 0.004, 0.02]})
     assert seen[0]["status"] == "complete" and seen[0]["ome"]["multiscales"][0]["datasets"][0]["path"] == "image"

@@ -9,12 +9,13 @@ import pydicom
 import pytest
 
 from octpipe.cli import main
-from octpipe.io.dicom import write_dicom_opt
-from octpipe.io.heyex_e2e import write_heyex_e2e_minimal
-from octpipe.io.heyex_vol import write_heyex_vol
-from octpipe.pipeline import discover_inputs, ingest
+from octpipe.inputs import discover_inputs
+from octpipe.io.writers.dicom import write_dicom_opt
+from octpipe.io.writers.heyex_vol import write_heyex_vol
+from octpipe.pipeline import ingest
 from octpipe.preprocess.intensity import linear_to_display
 from octpipe.store import complete_volumes, read_volume_group, volume_ids
+from octpipe.testing.heyex_e2e_files import write_heyex_e2e_minimal
 from tests.conftest import REAL_DATA, small_phantom
 
 SECRETS = [b"Doe^Jane", b"DOE", b"Jane", b"19450317", b"SN-SECRET-42", b"MRN-998877"]
@@ -329,7 +330,7 @@ def _same_size(names, size=(512, 496)):
     [f"b{i}.png" for i in range(1, 21) if i != 10],  # one B-scan dropped out of 20
 ])
 def test_numbered_same_size_images_are_one_volume(names):
-    from octpipe.pipeline import classify_image_folder
+    from octpipe.inputs import classify_image_folder
 
     decision = classify_image_folder(_same_size(names))
     assert decision.kind == "volume", decision.reason
@@ -349,7 +350,7 @@ def test_numbered_same_size_images_are_one_volume(names):
     (["only.png"], "a single image"),
 ])
 def test_other_image_folders_are_independent_bscans(names, why):
-    from octpipe.pipeline import classify_image_folder
+    from octpipe.inputs import classify_image_folder
 
     kind, reason = classify_image_folder(_same_size(names))
     assert kind == "bscans"
@@ -357,7 +358,7 @@ def test_other_image_folders_are_independent_bscans(names, why):
 
 
 def test_sizes_decide_before_names():
-    from octpipe.pipeline import classify_image_folder
+    from octpipe.inputs import classify_image_folder
 
     names = [f"Image {i}.tif" for i in range(1, 6)]
     mixed = [(n, (768, 496) if i % 2 else (512, 496)) for i, n in enumerate(names)]
@@ -376,7 +377,7 @@ def _phantom_u8(seed, n=3):
 def test_discovery_of_image_folders_follows_the_names(tmp_path):
     from PIL import Image
 
-    from octpipe.io.images import write_bscan_folder
+    from octpipe.io.writers.images import write_bscan_folder
 
     written = write_bscan_folder(tmp_path / "octpipe_png", _phantom_u8(0, n=4))
     loose = tmp_path / "loose"
@@ -439,7 +440,7 @@ def test_numbered_real_folder_is_one_volume_in_number_order(real_data, tmp_path)
 def test_images_option_overrides_the_decision(goodsea_normal, tmp_path, capsys):
     from PIL import Image
 
-    from octpipe.io.images import write_bscan_folder
+    from octpipe.io.writers.images import write_bscan_folder
     from octpipe.manifest import load_manifest
 
     numbered = write_bscan_folder(tmp_path / "in" / "scan_png", _phantom_u8(2))

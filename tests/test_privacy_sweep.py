@@ -22,11 +22,11 @@ def _days_since_1899(date: str) -> float:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
     """One phantom in four formats, each carrying the identifiers its format has room for (neutral file names)."""
-    from octpipe.io.dicom import write_dicom_opt
-    from octpipe.io.heyex_e2e import write_heyex_e2e_minimal
-    from octpipe.io.heyex_vol import write_heyex_vol
-    from octpipe.io.heyex_xml import write_heyex_xml
+    from octpipe.io.writers.dicom import write_dicom_opt
+    from octpipe.io.writers.heyex_vol import write_heyex_vol
+    from octpipe.io.writers.heyex_xml import write_heyex_xml
     from octpipe.preprocess.intensity import linear_to_display
+    from octpipe.testing.heyex_e2e_files import write_heyex_e2e_minimal
 
     src = tmp_path_factory.mktemp("privacy") / "src"
     ph = small_phantom(seed=11)
@@ -127,7 +127,7 @@ def test_export_outputs_carry_no_identifiers(inputs, tmp_path, capsys):
 def test_names_in_file_names_stay_out_of_the_store_and_logs_by_default(tmp_path, capsys):
     """A file named after the patient, in a folder named after the patient id: by default only the
     manifest beside the store (which says so on its first line) maps volume ids to those paths."""
-    from octpipe.io.heyex_vol import write_heyex_vol
+    from octpipe.io.writers.heyex_vol import write_heyex_vol
     from octpipe.manifest import load_manifest
 
     src = tmp_path / f"src_{ID['patient_id']}"

@@ -49,7 +49,7 @@ def spacing_option(text: str | None) -> tuple[float | None, float | None, float 
 
 def images_option(text: str) -> str:
     """Check an ``--images`` value (auto, volume or bscans); a bad value is a usage error."""
-    from octpipe.pipeline import IMAGE_MODES
+    from octpipe.inputs import IMAGE_MODES
 
     if text not in IMAGE_MODES:
         raise typer.BadParameter(f"must be one of {', '.join(IMAGE_MODES)}, got {text!r}", param_hint="--images")
@@ -124,7 +124,7 @@ def describe_folder(folder: Path, *, images: str = "auto",
         The folder holds no B-scan image, or ``images="volume"`` and they cannot be stacked.
     """
     from octpipe.errors import FormatError, OctpipeError
-    from octpipe.pipeline import discover_inputs
+    from octpipe.inputs import discover_inputs
 
     inputs, rows = discover_inputs([folder], images=images, recursive=False)
     items = [i for i in inputs if i.images]

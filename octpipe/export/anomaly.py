@@ -29,7 +29,7 @@ import numpy as np
 
 from octpipe.errors import OctpipeError
 from octpipe.heatmap import WindowMerger, retina_mask, source_retina, to_source_geometry, window_index
-from octpipe.models.fanogan.checkpoint import FAnoGANModel
+from octpipe.models.fanogan.model import FAnoGANModel
 from octpipe.models.fanogan.score import SCORE_NAMES, calibration_percentile, score_and_reconstruct
 from octpipe.patches import extract_patches
 from octpipe.preprocess.flatten import flatten_image

@@ -55,7 +55,7 @@ def volume_percentile(value: float, record: dict[str, Any]) -> float:
 def _inputs(sources: Sequence[str | Path], config: Any) -> tuple[list[Any], list[str]]:
     """Prepared volumes of every OCT input under ``sources`` (files, folders; one per B-scan image)."""
     from octpipe.export.run import file_volume_inputs
-    from octpipe.pipeline import discover_inputs
+    from octpipe.inputs import discover_inputs
 
     items, rows = discover_inputs(list(sources), images="auto", cite_names=False)
     failed = [f"{r['path']}: {r['error']}" for r in rows if r["status"] == "failed"]

@@ -31,7 +31,7 @@ What highdicom needs from a multi-frame source (highdicom 0.28): a ``FrameOfRefe
 *shared* ``PlaneOrientationSequence`` (identical per-frame items are refused: "Source images
 must have a shared orientation"); a *shared* ``PixelMeasuresSequence`` (``AttributeError``
 without it, even with a top-level ``PixelSpacing``); and a per-frame ``PlanePositionSequence``
-with distinct positions. OPT files written by :func:`octpipe.io.dicom.write_dicom_opt` have all
+with distinct positions. OPT files written by :func:`octpipe.io.writers.dicom.write_dicom_opt` have all
 of them. For other files the highdicom input (never the written ``source-deid.dcm``) is adapted
 in memory: identical per-frame orientations or pixel measures are moved to the shared groups, a
 top-level ``ImageOrientationPatient``/``PixelSpacing`` is used, and missing pixel measures are
@@ -580,7 +580,7 @@ def deidentify(ds: Dataset, *, pseudonym: str) -> Dataset:
     Examples
     --------
     >>> import tempfile
-    >>> from octpipe.io.dicom import write_dicom_opt
+    >>> from octpipe.io.writers.dicom import write_dicom_opt
     >>> p = write_dicom_opt(tempfile.mkdtemp() + "/v.dcm", np.zeros((2, 8, 8), np.uint8),
     ...                     spacing_mm=(0.1, 0.004, 0.01), laterality="OD", patient_id="MRN-1")
     >>> src = pydicom.dcmread(p)

@@ -21,7 +21,7 @@ that fails is listed there with status ``failed`` and its one-line reason (kept 
 ``failed.json`` until a rerun exports it) and the rest goes on.
 
 Inputs (:func:`export_path`): an OCT file (every series of it), a folder of B-scan images (one
-volume when :func:`octpipe.pipeline.discover_inputs` / ``classify_image_folder`` says it is one,
+volume when :func:`octpipe.inputs.discover_inputs` / ``classify_image_folder`` says it is one,
 else one export per image, listed in the index), or a store (:func:`export_store`). A single
 input that cannot be read or prepared raises an :class:`~octpipe.errors.OctpipeError` naming the
 file and the reason before anything is written.
@@ -39,26 +39,28 @@ and ``geometry_note`` in the sidecar), and the en-face map and ETDRS sectors are
 from __future__ import annotations
 
 import csv
-import fcntl
 import json
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from octpipe import __version__
+from octpipe.edge import folder_lock, run_tasks, staged_dir
 from octpipe.errors import OctpipeError
 from octpipe.export.anomaly import MapSettings, VolumeAnomaly, VolumeInput, compute_anomaly, volume_input_from_arrays
 from octpipe.export.enface import enface_projections, etdrs_labels, find_fovea, physical_coordinates, sector_table
 from octpipe.export.figures import write_enface_figure, write_gif, write_overlays
-from octpipe.models.fanogan.checkpoint import FAnoGANModel, load_run, preprocessing_differences
+from octpipe.models.fanogan.checkpoint import load_run, preprocessing_differences
+from octpipe.models.fanogan.model import FAnoGANModel
 
 if TYPE_CHECKING:
     from octpipe.preprocess.prepare import PreprocessConfig
@@ -243,9 +245,7 @@ def export_volume(vol: VolumeInput, model: FAnoGANModel, out_dir: str | Path, *,
     settings = settings or MapSettings()
     t0 = time.perf_counter()
     final = Path(out_dir) / vol.volume_id
-    staging = Path(out_dir) / f".staging-{vol.volume_id}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
-    try:
+    with staged_dir(final, under=Path(out_dir), prefix=".staging-") as staging:
         result = compute_anomaly(vol, model, settings)
         t_model = time.perf_counter() - t0
         attrs = vol.attrs
@@ -320,12 +320,7 @@ def export_volume(vol: VolumeInput, model: FAnoGANModel, out_dir: str | Path, *,
             write_volume_report(staging / "report.html", summary, identity, staging)
         summary["seconds"] = round(time.perf_counter() - t0, 3)
         _write_json(staging / SUMMARY_NAME, summary)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(staging, final)
-        return summary
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return summary
 
 
 def _top_bscans(result: VolumeAnomaly, k: int) -> list[int]:
@@ -541,7 +536,7 @@ def _remove_if_empty(out: Path) -> None:
 
 
 def _model_notes(model: FAnoGANModel) -> list[str]:
-    from octpipe.models.fanogan.checkpoint import DEFAULT_PREPROCESS_SOURCE
+    from octpipe.models.fanogan.model import DEFAULT_PREPROCESS_SOURCE
 
     if model.preprocess_source == DEFAULT_PREPROCESS_SOURCE:
         return ["the model bundle records no preprocessing: the default PreprocessConfig was applied"]
@@ -641,10 +636,10 @@ def export_file(path: str | Path, model_dir: str | Path, out_dir: str | Path, *,
 def _folder_inputs(folder: Path, images: str) -> tuple[list[Any], list[dict[str, object]]]:
     """The OCT inputs directly in ``folder``, as ``octpipe info`` / ``ingest`` take them.
 
-    One call to :func:`octpipe.pipeline.discover_inputs` (which asks
+    One call to :func:`octpipe.inputs.discover_inputs` (which asks
     ``classify_image_folder`` whether the images are one volume or independent B-scans).
     """
-    from octpipe.pipeline import discover_inputs
+    from octpipe.inputs import discover_inputs
 
     return discover_inputs([folder], images=images, recursive=False)
 
@@ -810,14 +805,14 @@ def _store_volume(store: str | Path, volume_id: str, model: FAnoGANModel, notes:
     return _with_notes(vol, [*notes, *_flatten_notes(vol, model)])
 
 
-def _export_task(store: str, volume_id: str, model_dir: str, out_dir: str, settings: dict[str, Any],
-                 source_root: str | None, notes: list[str] | None = None) -> dict[str, Any]:
-    """One volume of a store (a Dask task: loads the model in the worker)."""
+def _export_task(volume_id: str, store: str, model_dir: str, out_dir: str, settings: dict[str, Any],
+                 source_root: str | None, notes: dict[str, list[str]]) -> dict[str, Any]:
+    """One volume of a store (a Dask task: loads the model in the worker); ``notes`` per volume id."""
     import torch
 
     torch.set_num_threads(1)
     model = load_run(model_dir)
-    return export_volume(_store_volume(store, volume_id, model, notes or []), model, out_dir,
+    return export_volume(_store_volume(store, volume_id, model, notes.get(volume_id, [])), model, out_dir,
                          settings=MapSettings(**settings), source_root=source_root)
 
 
@@ -913,20 +908,10 @@ def _dicom_source_notes(store: str | Path, chosen: list[str], source_root: str |
             "Capture written for them instead"]
 
 
-@contextmanager
-def _out_lock(out: Path) -> Iterator[None]:
+def _out_lock(out: Path) -> AbstractContextManager[Path]:
     """One export at a time per output folder; clears what a killed export left in staging."""
-    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise OctpipeError("another octpipe export is writing this folder; wait for it to finish", out) from None
-        for stale in out.glob(".staging-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        yield
-    finally:
-        os.close(fd)
+    return folder_lock(out, command="export", stale=".staging-*",
+                       busy="another octpipe export is writing this folder; wait for it to finish")
 
 
 def _export_store_locked(store, model_dir, out: Path, chosen: list[str], settings: MapSettings, workers, scheduler,
@@ -1015,29 +1000,11 @@ def _update_failed(out: Path, failed: dict[str, str], done: Sequence[str], *, so
 
 def _export_on_dask(todo: list[str], args: tuple, workers: int | None, scheduler: str | None,
                     finish: Callable[[str, BaseException | None], None], notes: dict[str, list[str]]) -> None:
-    from dask.distributed import Client, as_completed
-
-    from octpipe.pipeline import local_cluster
-
-    cluster = None
-    if scheduler is None:
-        cluster = local_cluster(workers or os.cpu_count() or 1)
-    client = Client(scheduler or cluster)
-    try:
-        store, model_dir, out, settings, root = args
-        futures = {client.submit(_export_task, store, vid, model_dir, out, settings, root, notes.get(vid, []),
-                                 key=f"export-{vid}", pure=False): vid for vid in todo}
-        for fut in as_completed(futures):
-            vid = futures[fut]
-            try:
-                fut.result()
-                finish(vid, None)
-            except Exception as exc:  # noqa: BLE001 - a failed volume is recorded, the batch goes on
-                finish(vid, exc)
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+    store, model_dir, out, settings, root = args
+    task = partial(_export_task, store=store, model_dir=model_dir, out_dir=out, settings=settings,
+                   source_root=root, notes=notes)
+    for vid, result in run_tasks(task, todo, workers=workers, scheduler=scheduler):
+        finish(vid, result if isinstance(result, Exception) else None)
 
 
 def write_index(out_dir: str | Path) -> tuple[Path, Path]:

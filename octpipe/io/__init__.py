@@ -1,8 +1,9 @@
-"""Readers and writers, one module per format; every reader returns an OctVolume.
+"""Readers, one module per format; every reader returns an OctVolume.
 
 :func:`read_volume` and :func:`read_volumes` detect the format from the bytes
 (:func:`~octpipe.io.detect.detect_format`) and call the right reader. Vendor modules
-are imported only when their format is met.
+are imported only when their format is met. Writers of phantom files in these formats
+are in :mod:`octpipe.io.writers`.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def read_volume(path: str | Path, *, series: int = 0, format: str | None = None)
     Examples
     --------
     >>> import numpy as np, tempfile, os
-    >>> from octpipe.io.heyex_vol import write_heyex_vol
+    >>> from octpipe.io.writers.heyex_vol import write_heyex_vol
     >>> p = write_heyex_vol(os.path.join(tempfile.mkdtemp(), "a.vol"), np.ones((2, 8, 4), np.float32),
     ...                     spacing_mm=(0.1, 0.004, 0.01), laterality="OD")
     >>> read_volume(p).shape

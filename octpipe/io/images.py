@@ -30,8 +30,9 @@ Conventions
       the export's display mapping is wide, and is image).
 
 Writer
-    :func:`write_bscan_folder` writes ``bscan_000.png``, ``bscan_001.png``, ... as
-    8-bit greyscale PNGs, which :func:`read_bscan_folder` reads back exactly.
+    :func:`octpipe.io.writers.images.write_bscan_folder` writes ``bscan_000.png``,
+    ``bscan_001.png``, ... as 8-bit greyscale PNGs, which :func:`read_bscan_folder` reads
+    back exactly.
 """
 
 from __future__ import annotations
@@ -48,14 +49,12 @@ from octpipe.errors import CorruptFileError, FormatError, OctpipeError, Unsuppor
 from octpipe.io._common import (
     DEFLATE_MAX_RATIO,
     BoundedReader,
-    atomic_output,
-    check_uint8_volume,
     file_sha256,
     make_provenance,
 )
 from octpipe.volume import OctVolume
 
-__all__ = ["read_bscan_image", "read_bscan_folder", "write_bscan_folder", "fill_mask", "DEFAULT_SPACING_MM",
+__all__ = ["read_bscan_image", "read_bscan_folder", "fill_mask", "DEFAULT_SPACING_MM",
            "IMAGE_SUFFIXES"]
 
 #: Spacing (between B-scans, axial, lateral) in mm used when a file has none:
@@ -84,7 +83,6 @@ FILL_MARGIN_PX = 2
 
 _LUMA = (0.299, 0.587, 0.114)
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-_BSCAN_NAME = re.compile(r"^bscan_(\d+)\.png$")
 
 
 def _luminance(pixels: npt.NDArray[np.generic]) -> npt.NDArray[np.float32]:
@@ -416,6 +414,7 @@ def read_bscan_folder(folder: str | Path) -> OctVolume:
     Examples
     --------
     >>> import tempfile
+    >>> from octpipe.io.writers.images import write_bscan_folder
     >>> d = write_bscan_folder(tempfile.mkdtemp() + "/scans", np.zeros((3, 40, 32), np.uint8))
     >>> read_bscan_folder(d).shape
     (3, 40, 32)
@@ -442,63 +441,3 @@ def read_bscan_folder(folder: str | Path) -> OctVolume:
         data[i] = frame
     return _volume(data, depth=depth0, fmt="image-folder", source=folder, reader="image_folder",
                    sha256=file_sha256(files))
-
-
-def write_bscan_folder(folder: str | Path, data_uint8: npt.NDArray[np.uint8], *, overwrite: bool = False) -> Path:
-    """Write a volume as one 8-bit greyscale PNG per B-scan.
-
-    Files are named ``bscan_000.png``, ``bscan_001.png``, ... (zero-padded to at
-    least three digits, more when there are over 1000 B-scans), so natural and
-    plain sort orders agree. Each file is written under a temporary name and
-    renamed into place.
-
-    Parameters
-    ----------
-    folder : str or Path
-        Output folder; created when missing.
-    data_uint8 : ndarray of uint8, shape (n_bscans, n_axial, n_ascans)
-        The volume. Other dtypes are refused (no silent rescaling).
-    overwrite : bool
-        Allow writing into a folder that already holds files. Old
-        ``bscan_<n>.png`` files beyond the new count are removed so the folder
-        reads back as exactly this volume; other files are left alone.
-
-    Returns
-    -------
-    Path
-        The folder.
-
-    Raises
-    ------
-    ValueError
-        ``data_uint8`` is not a non-empty 3-D uint8 array.
-    OctpipeError
-        ``folder`` exists, is not empty and ``overwrite`` is false, or is a file.
-
-    Examples
-    --------
-    >>> import tempfile
-    >>> d = write_bscan_folder(tempfile.mkdtemp() + "/out", np.zeros((2, 8, 8), np.uint8))
-    >>> sorted(p.name for p in d.iterdir())
-    ['bscan_000.png', 'bscan_001.png']
-    """
-    check_uint8_volume(data_uint8)
-    folder = Path(folder)
-    if folder.exists():
-        if not folder.is_dir():
-            raise OctpipeError("output exists and is not a folder", folder)
-        if any(folder.iterdir()) and not overwrite:
-            raise OctpipeError("output folder exists and is not empty; pass overwrite=True (--overwrite)", folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    n = data_uint8.shape[0]
-    width = max(3, len(str(n - 1)))
-    written = set()
-    for i in range(n):
-        name = f"bscan_{i:0{width}d}.png"
-        with atomic_output(folder / name) as tmp:
-            Image.fromarray(np.ascontiguousarray(data_uint8[i])).save(tmp, format="PNG")
-        written.add(name)
-    for old in folder.iterdir():
-        if _BSCAN_NAME.match(old.name) and old.name not in written and old.is_file():
-            old.unlink()
-    return folder

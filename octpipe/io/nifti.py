@@ -88,7 +88,7 @@ Spacing
 
 Other
     An integer (or RGB) image with at most 16 distinct values
-    (:data:`octpipe.pipeline.LABEL_MAP_MAX_VALUES`) is a label map, not OCT: the
+    (:data:`octpipe.inputs.LABEL_MAP_MAX_VALUES`) is a label map, not OCT: the
     reader raises :class:`~octpipe.errors.FormatError` and
     :func:`nifti_label_map_values` lets discovery skip it. Laterality is None and
     ``intensity`` is ``"display"``; values keep the file's scaling
@@ -370,7 +370,7 @@ class _LabelMapError(FormatError):
 
 def _label_map_values(data: npt.NDArray[np.float32]) -> int | None:
     """Distinct values of ``data`` when at most LABEL_MAP_MAX_VALUES, else None (a sample decides most cases)."""
-    from octpipe.pipeline import LABEL_MAP_MAX_VALUES
+    from octpipe.inputs import LABEL_MAP_MAX_VALUES
 
     flat = data.ravel()
     step = max(1, flat.size // 65536)
@@ -383,8 +383,8 @@ def _label_map_values(data: npt.NDArray[np.float32]) -> int | None:
 def nifti_label_map_values(path: str | Path) -> int | None:
     """Number of distinct values when a NIfTI file is a label map, else None.
 
-    For input discovery (:func:`octpipe.pipeline.discover_inputs`): a label map is an
-    integer or RGB image with at most :data:`octpipe.pipeline.LABEL_MAP_MAX_VALUES`
+    For input discovery (:func:`octpipe.inputs.discover_inputs`): a label map is an
+    integer or RGB image with at most :data:`octpipe.inputs.LABEL_MAP_MAX_VALUES`
     distinct (grey) values, which :func:`read_nifti` refuses. Only the header is read
     for a float image (octpipe's own files); a file that cannot be read gives None (the
     reader reports it when the file is ingested).

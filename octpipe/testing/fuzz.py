@@ -499,12 +499,12 @@ def build_seeds(workdir: str | Path, *, real_dir: str | Path | None = None,
     dict
         Reader module name -> seeds.
     """
-    from octpipe.io.dicom import write_dicom_opt
-    from octpipe.io.heyex_e2e import write_heyex_e2e_minimal
-    from octpipe.io.heyex_vol import write_heyex_vol
-    from octpipe.io.heyex_xml import write_heyex_xml
     from octpipe.io.nifti import write_nifti
+    from octpipe.io.writers.dicom import write_dicom_opt
+    from octpipe.io.writers.heyex_vol import write_heyex_vol
+    from octpipe.io.writers.heyex_xml import write_heyex_xml
     from octpipe.preprocess.intensity import linear_to_display
+    from octpipe.testing.heyex_e2e_files import write_heyex_e2e_minimal
 
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -73,14 +73,14 @@ def write_phantom_files(phantom: Phantom, out_dir: str | Path, *, formats: Seque
     display_u8 = np.round(display * 255).astype(np.uint8)
     written: dict[str, str] = {}
     if "vol" in formats:
-        from octpipe.io.heyex_vol import write_heyex_vol
+        from octpipe.io.writers.heyex_vol import write_heyex_vol
 
         written["vol"] = str(write_heyex_vol(
             out / f"{name}.vol", phantom.data, spacing_mm=phantom.spacing_mm, laterality=phantom.laterality,
             layers={"ILM": phantom.ilm, "BM": phantom.bm}, scan_pattern=3 if phantom.data.shape[0] > 1 else 1,
             patient_id=name, overwrite=overwrite))
     if "dicom" in formats:
-        from octpipe.io.dicom import write_dicom_opt
+        from octpipe.io.writers.dicom import write_dicom_opt
 
         written["dicom"] = str(write_dicom_opt(
             out / f"{name}.dcm", display_u8, spacing_mm=phantom.spacing_mm, laterality=phantom.laterality,
@@ -91,7 +91,7 @@ def write_phantom_files(phantom: Phantom, out_dir: str | Path, *, formats: Seque
         written["nifti"] = str(write_nifti(out / f"{name}.nii.gz", display, spacing_mm=phantom.spacing_mm,
                                            overwrite=overwrite, description=f"octpipe phantom {name}"))
     if "png" in formats:
-        from octpipe.io.images import write_bscan_folder
+        from octpipe.io.writers.images import write_bscan_folder
 
         written["png"] = str(write_bscan_folder(out / f"{name}_png", display_u8, overwrite=overwrite))
     npz = out / f"{name}_truth.npz"

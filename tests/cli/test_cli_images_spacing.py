@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from octpipe.cli import main
-from octpipe.io.heyex_vol import write_heyex_vol
+from octpipe.io.writers.heyex_vol import write_heyex_vol
 from tests.conftest import REAL_DATA, small_phantom
 
 GOODSEA_NORMAL = REAL_DATA.parent / "cohorts" / "Goodsea_heysaw" / "deploy" / "val" / "NORMAL"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from octpipe.cli import main
-from octpipe.io.heyex_vol import write_heyex_vol
+from octpipe.io.writers.heyex_vol import write_heyex_vol
 from tests.conftest import small_phantom
 
 

@@ -29,7 +29,7 @@ BUNDLED = str(Path(__file__).resolve().parents[2] / "models" / "fanogan-phantom"
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     """A .vol file, a store with train and test patches, a file and an empty folder."""
-    from octpipe.io.heyex_vol import write_heyex_vol
+    from octpipe.io.writers.heyex_vol import write_heyex_vol
     from octpipe.patches import write_patch_split
     from octpipe.pipeline import ingest
 

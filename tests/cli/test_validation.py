@@ -29,7 +29,7 @@ def _one_error_line(err: str, *needles: str) -> str:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    from octpipe.io.heyex_vol import write_heyex_vol
+    from octpipe.io.writers.heyex_vol import write_heyex_vol
     from octpipe.pipeline import ingest
 
     root = tmp_path_factory.mktemp("cli-validation")
@@ -85,7 +85,7 @@ def test_export_odd_inputs_are_one_line(capsys, tmp_path, store):
 
 
 def test_truncated_vol_is_one_line(capsys, tmp_path, store):
-    from octpipe.io.heyex_vol import write_heyex_vol
+    from octpipe.io.writers.heyex_vol import write_heyex_vol
 
     ph = small_phantom(seed=1)
     path = write_heyex_vol(tmp_path / "t.vol", ph.data, spacing_mm=ph.spacing_mm, laterality="OD")

@@ -18,7 +18,7 @@ from tests.export.test_export import save_model_dir
 @pytest.fixture(scope="module")
 def normals(tmp_path_factory):
     """Six small healthy phantoms (.vol) in one folder, and one diseased phantom beside it."""
-    from octpipe.io.heyex_vol import write_heyex_vol
+    from octpipe.io.writers.heyex_vol import write_heyex_vol
 
     root = tmp_path_factory.mktemp("calibrate")
     for k in range(6):

@@ -13,7 +13,8 @@ from pydicom.sequence import Sequence
 
 from octpipe.errors import OctpipeError
 from octpipe.export.dicom import PM_NAME, SEG_NAME, SOURCE_NAME, write_dicom_exports
-from octpipe.io.dicom import read_dicom, write_dicom_opt
+from octpipe.io.dicom import read_dicom
+from octpipe.io.writers.dicom import write_dicom_opt
 from tests.conftest import SMALL_SHAPE, SMALL_SPACING, small_phantom
 
 PSEUDONYM = "vol-7f3a9c2e1b"
@@ -350,7 +351,7 @@ def test_store_export_finds_dicom_sources_by_content_under_the_folder_given_to_i
     import numpy as np
 
     from octpipe.cli import main
-    from octpipe.io.dicom import write_dicom_opt
+    from octpipe.io.writers.dicom import write_dicom_opt
     from octpipe.preprocess.intensity import linear_to_display
     from tests.conftest import small_phantom
     from tests.export.test_export import save_model_dir

@@ -40,7 +40,7 @@ def _done(out: Path) -> list[Path]:
 
 
 def _single_bscan_vol(folder: Path) -> Path:
-    from octpipe.io.heyex_vol import write_heyex_vol
+    from octpipe.io.writers.heyex_vol import write_heyex_vol
 
     ph = small_phantom(5, "srf", shape=(1, 496, 256), spacing_mm=(0.12, 0.00387, 0.0113))
     return write_heyex_vol(folder / "one.vol", ph.data, spacing_mm=(0.0, 0.00387, 0.0113), laterality="OD",
@@ -223,7 +223,7 @@ def test_unreadable_input_and_output_in_place_of_a_file_are_one_line(capsys, tmp
 
 def test_a_store_volume_that_fails_is_listed_and_the_rest_goes_on(tmp_path, monkeypatch):
     import octpipe.export.run as run
-    from octpipe.io.heyex_vol import write_heyex_vol
+    from octpipe.io.writers.heyex_vol import write_heyex_vol
     from octpipe.pipeline import ingest
     from octpipe.store import volume_ids
 

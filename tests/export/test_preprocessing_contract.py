@@ -36,7 +36,7 @@ ROBUST = PreprocessConfig(normalize_percentiles=(0.5, 99.5), target_spacing_mm=0
 
 
 def _vol_file(folder: Path, seed: int = 1, name: str | None = None) -> Path:
-    from octpipe.io.heyex_vol import write_heyex_vol
+    from octpipe.io.writers.heyex_vol import write_heyex_vol
 
     ph = small_phantom(seed, "srf", **GEOMETRY)
     return write_heyex_vol(folder / f"{name or f'p{seed}'}.vol", ph.data, spacing_mm=ph.spacing_mm, laterality="OD")

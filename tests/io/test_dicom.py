@@ -9,8 +9,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from octpipe.errors import CorruptFileError, FormatError, OctpipeError, UnsupportedFormatError
-from octpipe.io.dicom import OPT_SOP_CLASS_UID, read_dicom, write_dicom_opt
+from octpipe.io.dicom import OPT_SOP_CLASS_UID, read_dicom
 from octpipe.io.images import DEFAULT_SPACING_MM
+from octpipe.io.writers.dicom import write_dicom_opt
 
 SPACING = (0.12, 0.00387, 0.0113)
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"

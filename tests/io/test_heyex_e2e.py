@@ -10,14 +10,8 @@ import numpy as np
 import pytest
 
 from octpipe.errors import CorruptFileError, FormatError, OctpipeError
-from octpipe.io.heyex_e2e import (
-    count_heyex_e2e_series,
-    decode_ufloat16,
-    encode_ufloat16,
-    inspect_heyex_e2e,
-    read_heyex_e2e,
-    write_heyex_e2e_minimal,
-)
+from octpipe.io.heyex_e2e import count_heyex_e2e_series, decode_ufloat16, inspect_heyex_e2e, read_heyex_e2e
+from octpipe.testing.heyex_e2e_files import encode_ufloat16, write_heyex_e2e_minimal
 from octpipe.volume import OctVolume
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real"

@@ -12,7 +12,8 @@ import pytest
 
 from octpipe.errors import CorruptFileError, FormatError, OctpipeError
 from octpipe.io._common import file_sha256
-from octpipe.io.heyex_vol import read_heyex_vol, read_heyex_vol_slo, write_heyex_vol
+from octpipe.io.heyex_vol import read_heyex_vol, read_heyex_vol_slo
+from octpipe.io.writers.heyex_vol import write_heyex_vol
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real"
 SPECTRALIS = REAL / "halirutan_spectralis-raw-data" / "test-data"

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from octpipe.errors import CorruptFileError, FormatError, OctpipeError, UnsupportedFormatError
-from octpipe.io.heyex_xml import _layer_values, _scan_pattern, read_heyex_xml, write_heyex_xml
+from octpipe.io.heyex_xml import _layer_values, _scan_pattern, read_heyex_xml
+from octpipe.io.writers.heyex_xml import write_heyex_xml
 
 SPACING = (0.123, 0.0039, 0.0118)
 

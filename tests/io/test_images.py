@@ -9,7 +9,8 @@ from PIL import Image
 
 from octpipe.errors import CorruptFileError, FormatError, OctpipeError
 from octpipe.io._common import file_sha256
-from octpipe.io.images import DEFAULT_SPACING_MM, read_bscan_folder, read_bscan_image, write_bscan_folder
+from octpipe.io.images import DEFAULT_SPACING_MM, read_bscan_folder, read_bscan_image
+from octpipe.io.writers.images import write_bscan_folder
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real"
 BILAL = REAL / "BilalHassan90_OCT-Biomarker-Segmentation"

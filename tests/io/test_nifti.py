@@ -406,7 +406,7 @@ def test_label_map_values_never_raises(tmp_path: Path, volume: np.ndarray) -> No
 
 
 def test_discovery_skips_nifti_label_maps(tmp_path: Path, picture: dict) -> None:
-    from octpipe.pipeline import discover_inputs
+    from octpipe.inputs import discover_inputs
 
     folder = tmp_path / "Dataset001"
     (folder / "imagesTr").mkdir(parents=True)

@@ -68,7 +68,7 @@ def test_vendor_specific_metadata_of_real_files(real_data):
 
 
 def test_detection_ignores_the_extension(tmp_path):
-    from octpipe.io.heyex_vol import write_heyex_vol
+    from octpipe.io.writers.heyex_vol import write_heyex_vol
 
     p = write_heyex_vol(tmp_path / "scan.dcm", np.ones((1, 8, 4), np.float32), spacing_mm=(0, 0.004, 0.01),
                         laterality="OS")

@@ -15,6 +15,7 @@ from octpipe.errors import ConfigError, OctpipeError
 from octpipe.models.fanogan import train as train_mod
 from octpipe.models.fanogan.checkpoint import RunPaths, load_checkpoint, load_run, save_atomic
 from octpipe.models.fanogan.config import FAnoGANConfig, load_config, save_config
+from octpipe.models.fanogan.runtime import Dist
 from octpipe.models.fanogan.train import TrainingDiverged, train_encoder, train_gan
 
 REPO = Path(__file__).resolve().parents[2]
@@ -124,7 +125,7 @@ def test_batches_are_a_seeded_function_of_epoch_and_position(store):
     idx = np.arange(source.n)[::2]  # a subset, as after holding out patches
 
     def stream(rank: int = 0, world: int = 1):
-        return train_mod._BatchStream(source, idx, batch_size=8, d=train_mod._Dist(rank, world), seed=1, stream=1,
+        return train_mod._BatchStream(source, idx, batch_size=8, d=Dist(rank, world), seed=1, stream=1,
                                       hflip=True, window=2)
 
     a = stream()

@@ -16,18 +16,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 import torch
 
 from octpipe.models.baselines.autoencoder import Autoencoder, _check_size
 from octpipe.models.baselines.common import (
     BaselineConfig,
     PatchData,
-    apply_batched,
-    feature_residual,
-    image_residual,
     load_patches,
+    reconstruction_scores,
     threads_context,
     training_batches,
 )
@@ -53,6 +49,7 @@ class AdversarialAutoencoder(Autoencoder):
 
     Examples
     --------
+    >>> import numpy as np
     >>> m = AdversarialAutoencoder.train(np.zeros((8, 32, 32), np.float32), BaselineConfig.tiny(iterations=2))
     >>> sorted(m.score(np.zeros((3, 32, 32), np.float32)))
     ['A', 'A_D', 'A_R']
@@ -128,30 +125,7 @@ class AdversarialAutoencoder(Autoencoder):
         return model
 
     def _scores(self, xb: torch.Tensor) -> dict[str, torch.Tensor]:
-        x_rec = self.reconstruct(xb)
-        feats = self.critic.features(torch.cat([xb, x_rec]))
-        n = xb.shape[0]
-        a_r = image_residual(xb, x_rec)
-        a_d = feature_residual(feats[:n], feats[n:])
-        return {"A_R": a_r, "A_D": a_d, "A": a_r + self.config.kappa * a_d}
-
-    def score(self, patches: npt.ArrayLike, *, batch_size: int = 256) -> dict[str, npt.NDArray[np.float32]]:
-        """Per-patch ``A_R``, ``A_D`` (critic-feature residual) and ``A = A_R + κ·A_D``.
-
-        Parameters
-        ----------
-        patches : array
-            ``(N, H, W)`` or ``(N, 1, H, W)`` in [-1, 1].
-        batch_size : int, default 256
-            Patches per forward pass.
-
-        Returns
-        -------
-        dict
-            ``A_R``, ``A_D``, ``A``: each ``(N,)`` float32.
-        """
-        with threads_context(self.config.threads):
-            return apply_batched(self._scores, patches, batch_size=batch_size, device=self.config.device)
+        return reconstruction_scores(xb, self.reconstruct(xb), self.critic.features, kappa=self.config.kappa)
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """The networks by name."""

@@ -19,8 +19,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,10 +27,9 @@ from octpipe.models.baselines.autoencoder import _check_size
 from octpipe.models.baselines.common import (
     BaselineConfig,
     PatchData,
-    apply_batched,
-    feature_residual,
-    image_residual,
+    ReconstructionScorer,
     load_patches,
+    reconstruction_scores,
     threads_context,
     training_batches,
 )
@@ -88,7 +85,7 @@ class JointDiscriminator(nn.Module):
         return self.joint(h).squeeze(1)
 
 
-class ALI:
+class ALI(ReconstructionScorer):
     """A trained ALI/BiGAN (scores: ``A_R``, ``A_D``, ``A``).
 
     Parameters
@@ -106,6 +103,7 @@ class ALI:
 
     Examples
     --------
+    >>> import numpy as np
     >>> m = ALI.train(np.zeros((8, 32, 32), np.float32), BaselineConfig.tiny(iterations=2))
     >>> m.score(np.zeros((3, 32, 32), np.float32))["A"].shape
     (3,)
@@ -206,34 +204,4 @@ class ALI:
         return self.generator(self.encode(x))
 
     def _scores(self, xb: torch.Tensor) -> dict[str, torch.Tensor]:
-        x_rec = self.reconstruct(xb)
-        feats = self.discriminator.features(torch.cat([xb, x_rec]))
-        n = xb.shape[0]
-        a_r = image_residual(xb, x_rec)
-        a_d = feature_residual(feats[:n], feats[n:])
-        return {"A_R": a_r, "A_D": a_d, "A": a_r + self.config.kappa * a_d}
-
-    def score(self, patches: npt.ArrayLike, *, batch_size: int = 256) -> dict[str, npt.NDArray[np.float32]]:
-        """Per-patch ``A_R``, ``A_D`` (x-branch feature residual) and ``A = A_R + κ·A_D``.
-
-        Parameters
-        ----------
-        patches : array
-            ``(N, H, W)`` or ``(N, 1, H, W)`` in [-1, 1].
-        batch_size : int, default 256
-            Patches per forward pass.
-
-        Returns
-        -------
-        dict
-            ``A_R``, ``A_D``, ``A``: each ``(N,)`` float32.
-        """
-        with threads_context(self.config.threads):
-            return apply_batched(self._scores, patches, batch_size=batch_size, device=self.config.device)
-
-    def residual(self, patches: npt.ArrayLike, *, batch_size: int = 256) -> npt.NDArray[np.float32]:
-        """Pixel residual ``|x − G(E(x))|``, shape ``(N, H, W)``."""
-        with threads_context(self.config.threads):
-            out = apply_batched(lambda xb: {"r": (xb - self.reconstruct(xb)).abs()[:, 0]}, patches,
-                                batch_size=batch_size, device=self.config.device)
-        return out["r"]
+        return reconstruction_scores(xb, self.reconstruct(xb), self.discriminator.features, kappa=self.config.kappa)

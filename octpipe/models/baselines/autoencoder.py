@@ -21,7 +21,7 @@ from torch import nn
 from octpipe.models.baselines.common import (
     BaselineConfig,
     PatchData,
-    apply_batched,
+    ReconstructionScorer,
     image_residual,
     load_patches,
     threads_context,
@@ -32,8 +32,8 @@ from octpipe.models.fanogan.networks import Encoder, Generator
 __all__ = ["Autoencoder"]
 
 
-class Autoencoder:
-    """A trained convolutional autoencoder (scores: ``A_R``).
+class Autoencoder(ReconstructionScorer):
+    """A trained convolutional autoencoder (scores: ``A_R``, the mean squared image residual).
 
     Parameters
     ----------
@@ -117,31 +117,8 @@ class Autoencoder:
         """``D(E(x))`` of a batch (eval mode)."""
         return self.decoder(self.encoder(x))
 
-    def score(self, patches: npt.ArrayLike, *, batch_size: int = 256) -> dict[str, npt.NDArray[np.float32]]:
-        """Per-patch ``A_R`` = mean squared image residual.
-
-        Parameters
-        ----------
-        patches : array
-            ``(N, H, W)`` or ``(N, 1, H, W)`` in [-1, 1].
-        batch_size : int, default 256
-            Patches per forward pass.
-
-        Returns
-        -------
-        dict
-            ``{'A_R': (N,) float32}``.
-        """
-        with threads_context(self.config.threads):
-            return apply_batched(lambda xb: {"A_R": image_residual(xb, self.reconstruct(xb))}, patches,
-                                 batch_size=batch_size, device=self.config.device)
-
-    def residual(self, patches: npt.ArrayLike, *, batch_size: int = 256) -> npt.NDArray[np.float32]:
-        """Pixel residual ``|x − D(E(x))|``, shape ``(N, H, W)``."""
-        with threads_context(self.config.threads):
-            out = apply_batched(lambda xb: {"r": (xb - self.reconstruct(xb)).abs()[:, 0]}, patches,
-                                batch_size=batch_size, device=self.config.device)
-        return out["r"]
+    def _scores(self, xb: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"A_R": image_residual(xb, self.reconstruct(xb))}
 
     def modules(self) -> dict[str, nn.Module]:
         """The networks by name."""

@@ -1,9 +1,11 @@
-"""Shared pieces of the baseline methods: configuration, training data, batching.
+"""Shared pieces of the baseline methods: configuration, training data, batching, scoring.
 
 Every baseline follows one shape: ``Method.train(data, config) -> Method`` and
 ``method.score(patches) -> {score name: (N,) float32}``. ``data`` is either a store with a
 ``patches/train`` split (``octpipe patches STORE --split train``) or an array of patches
-``(N, H, W)`` / ``(N, 1, H, W)`` with values in [-1, 1].
+``(N, H, W)`` / ``(N, 1, H, W)`` with values in [-1, 1]. :class:`PatchScorer` is that
+scoring contract, batched once for every method; :func:`reconstruction_scores` computes
+``A_R``, ``A_D`` and ``A`` as f-AnoGAN does.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ __all__ = [
     "batched",
     "apply_batched",
     "training_batches",
-    "feature_residual",
     "image_residual",
+    "reconstruction_scores",
+    "PatchScorer",
+    "ReconstructionScorer",
 ]
 
 #: Patches as an array or a store path.
@@ -285,9 +289,101 @@ def image_residual(x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
     return ((x.float() - x_rec.float()) ** 2).flatten(1).mean(1)
 
 
-def feature_residual(f_x: torch.Tensor, f_rec: torch.Tensor) -> torch.Tensor:
-    """Per-patch mean squared discriminator-feature residual ``A_D`` (float32, shape ``(N,)``)."""
-    return ((f_x.float() - f_rec.float()) ** 2).flatten(1).mean(1)
+def reconstruction_scores(x: torch.Tensor, x_rec: torch.Tensor,
+                          features: Callable[[torch.Tensor], torch.Tensor], *, kappa: float) -> dict[str, torch.Tensor]:
+    """``A_R``, ``A_D`` and ``A = A_R + κ·A_D`` of a batch and its reconstruction.
+
+    As f-AnoGAN scores (:func:`octpipe.models.fanogan.losses.anomaly_scores`), with the
+    discriminator ``features`` of ``x`` and ``x_rec`` computed in one pass.
+
+    Parameters
+    ----------
+    x, x_rec : torch.Tensor
+        Patches and their reconstructions, ``(B, 1, H, W)``.
+    features : callable
+        The discriminator's feature layer, ``(2B, 1, H, W)`` → ``(2B, F)``.
+    kappa : float
+        κ, the weight of ``A_D``.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        ``A_R``, ``A_D``, ``A``: each ``(B,)``.
+    """
+    from octpipe.models.fanogan.losses import anomaly_scores
+
+    feats = features(torch.cat([x, x_rec]))
+    n = x.shape[0]
+    s = anomaly_scores(x, x_rec, feats[:n], feats[n:], kappa=kappa)
+    return {"A_R": s.residual, "A_D": s.feature, "A": s.total}
+
+
+class PatchScorer:
+    """The scoring contract of the baselines: ``score(patches) -> {name: (N,) float32}``.
+
+    A method names its scores in ``score_names`` and scores one batch in ``_scores``: a
+    ``(B, 1, H, W)`` float32 tensor on :attr:`device` → ``{name: (B,) tensor}``.
+    :meth:`score` runs it over the patches in batches, under ``torch.inference_mode`` and
+    with :attr:`threads` torch threads; a method that batches otherwise overrides
+    ``_score_all``.
+    """
+
+    score_names: tuple[str, ...] = ()
+    #: ``torch.set_num_threads`` while scoring (0 = leave as is).
+    threads: int = 0
+    #: Where ``_scores`` runs.
+    device: str = "cpu"
+    _scores: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+    def _score_all(self, patches: npt.ArrayLike, batch_size: int) -> dict[str, npt.NDArray[np.float32]]:
+        return apply_batched(self._scores, patches, batch_size=batch_size, device=self.device)
+
+    def score(self, patches: npt.ArrayLike, *, batch_size: int = 256) -> dict[str, npt.NDArray[np.float32]]:
+        """Per-patch anomaly scores (higher = more anomalous), one array per name of ``score_names``.
+
+        Parameters
+        ----------
+        patches : array
+            ``(N, H, W)`` or ``(N, 1, H, W)`` in [-1, 1].
+        batch_size : int, default 256
+            Patches per forward pass.
+
+        Returns
+        -------
+        dict
+            Score name to ``(N,)`` float32 (the class docstring says what each is).
+        """
+        with threads_context(self.threads):
+            return self._score_all(patches, batch_size)
+
+
+class ReconstructionScorer(PatchScorer):
+    """A trained baseline that reconstructs its input, set up by a :class:`BaselineConfig`.
+
+    A method gives ``reconstruct``: a batch ``(B, 1, H, W)`` → its reconstruction (eval
+    mode). It scores with the config's threads and device, and :meth:`residual` is the
+    pixel residual of the reconstruction.
+    """
+
+    config: BaselineConfig
+    reconstruct: Callable[[torch.Tensor], torch.Tensor]
+
+    @property
+    def threads(self) -> int:  # type: ignore[override]
+        """``config.threads``."""
+        return self.config.threads
+
+    @property
+    def device(self) -> str:  # type: ignore[override]
+        """``config.device``."""
+        return self.config.device
+
+    def residual(self, patches: npt.ArrayLike, *, batch_size: int = 256) -> npt.NDArray[np.float32]:
+        """Pixel residual ``|x − reconstruct(x)|``, shape ``(N, H, W)``."""
+        with threads_context(self.threads):
+            out = apply_batched(lambda xb: {"r": (xb - self.reconstruct(xb)).abs()[:, 0]}, patches,
+                                batch_size=batch_size, device=self.device)
+        return out["r"]
 
 
 class threads_context:  # noqa: N801 - used like a function

@@ -11,10 +11,11 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import numpy.typing as npt
+import torch
 
-from octpipe.models.baselines.common import PatchData, apply_batched, load_patches, threads_context
-from octpipe.models.fanogan.checkpoint import FAnoGANModel, load_run
+from octpipe.models.baselines.common import PatchData, PatchScorer, apply_batched, load_patches, threads_context
+from octpipe.models.fanogan.checkpoint import load_run
+from octpipe.models.fanogan.model import FAnoGANModel
 from octpipe.models.fanogan.networks import Discriminator
 
 __all__ = ["DiscriminatorScore", "PAPER_N_TRAIN"]
@@ -23,7 +24,7 @@ __all__ = ["DiscriminatorScore", "PAPER_N_TRAIN"]
 PAPER_N_TRAIN = 32000
 
 
-class DiscriminatorScore:
+class DiscriminatorScore(PatchScorer):
     """``A_D = m̂ − D(x)`` from a trained WGAN critic.
 
     Parameters
@@ -91,25 +92,13 @@ class DiscriminatorScore:
         model.train_seconds = time.perf_counter() - t0
         return model
 
-    def score(self, patches: npt.ArrayLike, *, batch_size: int = 256) -> dict[str, npt.NDArray[np.float32]]:
-        """Per-patch ``A_D = m̂ − D(x)``.
+    @property
+    def device(self) -> str:  # type: ignore[override]
+        """The critic's device."""
+        return str(next(self.critic.parameters()).device)
 
-        Parameters
-        ----------
-        patches : array
-            ``(N, H, W)`` or ``(N, 1, H, W)`` in [-1, 1].
-        batch_size : int, default 256
-            Patches per forward pass.
-
-        Returns
-        -------
-        dict
-            ``{'A_D': (N,) float32}``.
-        """
-        with threads_context(self.threads):
-            out = apply_batched(lambda xb: {"d": self.critic(xb)}, patches, batch_size=batch_size,
-                                device=str(next(self.critic.parameters()).device))
-        return {"A_D": (np.float32(self.mean_train) - out["d"]).astype(np.float32)}
+    def _scores(self, xb: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"A_D": self.mean_train - self.critic(xb)}
 
 
 def _critic(critic: Discriminator | FAnoGANModel | str) -> Discriminator:

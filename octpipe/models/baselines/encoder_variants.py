@@ -23,8 +23,10 @@ import numpy as np
 import numpy.typing as npt
 
 from octpipe.errors import OctpipeError
-from octpipe.models.fanogan.checkpoint import FAnoGANModel, RunPaths, load_run
+from octpipe.models.baselines.common import PatchScorer, threads_context
+from octpipe.models.fanogan.checkpoint import RunPaths, load_run
 from octpipe.models.fanogan.config import FAnoGANConfig, load_config
+from octpipe.models.fanogan.model import FAnoGANModel
 from octpipe.models.fanogan.score import pixel_residual, score_patches
 
 __all__ = ["EncoderVariant", "ENCODER_MODES"]
@@ -33,8 +35,11 @@ __all__ = ["EncoderVariant", "ENCODER_MODES"]
 ENCODER_MODES = ("ziz", "izi", "izi_f")
 
 
-class EncoderVariant:
+class EncoderVariant(PatchScorer):
     """An encoder trained with one of the paper's three objectives on a fixed WGAN.
+
+    Scores as f-AnoGAN does (:func:`octpipe.models.fanogan.score.score_patches`): ``A_R`` (no
+    discriminator term), ``A_D``, ``A = A_R + κ·A_D`` and ``z_distance``.
 
     Parameters
     ----------
@@ -126,30 +131,11 @@ class EncoderVariant:
         model = load_run(run_dir)
         return cls(model, model.config.encoder.mode, threads=threads)
 
-    def score(self, patches: npt.ArrayLike, *, batch_size: int = 256) -> dict[str, npt.NDArray[np.float32]]:
-        """Per-patch ``A_R`` (no discriminator term), ``A_D``, ``A = A_R + κ·A_D`` and ``z_distance``.
-
-        Parameters
-        ----------
-        patches : array
-            ``(N, H, W)`` or ``(N, 1, H, W)`` in [-1, 1].
-        batch_size : int, default 256
-            Patches per forward pass.
-
-        Returns
-        -------
-        dict
-            Each ``(N,)`` float32 (:func:`octpipe.models.fanogan.score.score_patches`).
-        """
-        from octpipe.models.baselines.common import threads_context
-
-        with threads_context(self.threads):
-            return score_patches(self.model, _images(patches), batch_size=batch_size, precision="fp32")
+    def _score_all(self, patches: npt.ArrayLike, batch_size: int) -> dict[str, npt.NDArray[np.float32]]:
+        return score_patches(self.model, _images(patches), batch_size=batch_size, precision="fp32")
 
     def residual(self, patches: npt.ArrayLike, *, batch_size: int = 256) -> npt.NDArray[np.float32]:
         """Pixel residual ``|x − G(E(x))|``, shape ``(N, H, W)``."""
-        from octpipe.models.baselines.common import threads_context
-
         with threads_context(self.threads):
             return pixel_residual(self.model, _images(patches), batch_size=batch_size, precision="fp32")[:, 0]
 

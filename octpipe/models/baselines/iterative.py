@@ -23,8 +23,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from octpipe.models.baselines.common import as_images, batched, feature_residual, image_residual, threads_context
-from octpipe.models.fanogan.checkpoint import FAnoGANModel, load_run
+from octpipe.models.baselines.common import as_images, batched, reconstruction_scores, threads_context
+from octpipe.models.fanogan.checkpoint import load_run
+from octpipe.models.fanogan.model import FAnoGANModel
 from octpipe.models.fanogan.networks import Discriminator, Generator
 
 __all__ = ["IterativeAnoGAN", "stochastic_clip", "anogan_loss"]
@@ -206,12 +207,8 @@ class IterativeAnoGAN:
                 xb = images[sl].to(device)
                 z, losses = self.map(xb, generator=rand)
                 with torch.no_grad():
-                    x_rec = self.generator(z)
-                    feats = self.critic.features(torch.cat([xb, x_rec]))
-                n = xb.shape[0]
-                a_r = image_residual(xb, x_rec)
-                a_d = feature_residual(feats[:n], feats[n:])
-                for k, v in (("A_anogan", losses[-1]), ("A_R", a_r), ("A_D", a_d), ("A", a_r + self.kappa * a_d)):
+                    scores = reconstruction_scores(xb, self.generator(z), self.critic.features, kappa=self.kappa)
+                for k, v in (("A_anogan", losses[-1]), *scores.items()):
                     out[k].append(v.float().cpu().numpy())
                 curves.append(losses.float().cpu().numpy())
         self.last_seconds = time.perf_counter() - t0

@@ -1,5 +1,8 @@
 """Run directories, atomic checkpoints and loading a trained f-AnoGAN model.
 
+The model itself, :class:`~octpipe.models.fanogan.model.FAnoGANModel`, is defined in
+:mod:`octpipe.models.fanogan.model` (and importable from here too).
+
 A training run writes one directory::
 
     RUN/
@@ -35,7 +38,6 @@ before it existed) loads with a logged warning and the default :class:`Preproces
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import os
@@ -44,18 +46,15 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from octpipe import __version__
 from octpipe.errors import ConfigError, OctpipeError
 from octpipe.models.fanogan.config import FAnoGANConfig
-from octpipe.models.fanogan.networks import Discriminator, Encoder, Generator
-
-if TYPE_CHECKING:
-    from octpipe.preprocess.prepare import PreprocessConfig
+from octpipe.models.fanogan.model import DEFAULT_PREPROCESS_SOURCE, FAnoGANModel, _complete, _json_form, build_networks
+from octpipe.provenance import provenance
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -78,8 +77,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: ``FAnoGANModel.preprocess_source`` of a model whose bundle records no preprocessing.
-DEFAULT_PREPROCESS_SOURCE = "default (the model bundle records no preprocessing)"
 
 #: Value of the ``format`` key of every checkpoint and bundle written here.
 CHECKPOINT_FORMAT = "octpipe-fanogan/1"
@@ -158,34 +155,6 @@ class RunPaths:
                 shutil.rmtree(path)
             elif path.exists() or path.is_symlink():
                 path.unlink()
-
-
-def build_networks(config: FAnoGANConfig) -> tuple[Generator, Discriminator, Encoder]:
-    """Build freshly initialised G, D and E for ``config.model`` (initialisation uses the global RNG).
-
-    Parameters
-    ----------
-    config : FAnoGANConfig
-        The configuration.
-
-    Returns
-    -------
-    tuple of (Generator, Discriminator, Encoder)
-    """
-    m = config.model
-    g = Generator(latent_dim=m.latent_dim, dim=m.dim, channels=m.channels, image_size=m.image_size)
-    d = Discriminator(dim=m.dim, channels=m.channels, image_size=m.image_size)
-    e = Encoder(latent_dim=m.latent_dim, dim=m.dim, channels=m.channels, image_size=m.image_size,
-                output=m.encoder_output)  # type: ignore[arg-type]
-    return g, d, e
-
-
-def provenance() -> dict[str, str]:
-    """``{"octpipe_version", "git_hash", "created"}`` for stamping outputs."""
-    from octpipe.pipeline import git_hash
-
-    return {"octpipe_version": __version__, "git_hash": git_hash(),
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -347,77 +316,6 @@ def check_resume_config(saved: dict[str, Any], config: FAnoGANConfig, stages: tu
                                   f"with {old!r}")
 
 
-@dataclass
-class FAnoGANModel:
-    """A trained f-AnoGAN: networks in eval mode, configuration and calibration.
-
-    Parameters
-    ----------
-    generator, discriminator : Generator, Discriminator
-        The GAN.
-    encoder : Encoder or None
-        The encoder; None when only the GAN stage has been trained.
-    config : FAnoGANConfig
-        The training configuration.
-    calibration : dict or None
-        Contents of ``calibration.json`` (held-out normal scores), when present.
-    run_dir : Path or None
-        Where it was loaded from.
-    preprocess : dict or None
-        The preprocessing record of the data it was trained on (module docstring); None when
-        unknown (then :meth:`preprocess_config` gives the defaults).
-    """
-
-    generator: Generator
-    discriminator: Discriminator
-    encoder: Encoder | None
-    config: FAnoGANConfig
-    calibration: dict[str, Any] | None = None
-    run_dir: Path | None = None
-    preprocess: dict[str, Any] | None = None
-
-    def preprocess_config(self) -> PreprocessConfig:
-        """The :class:`~octpipe.preprocess.prepare.PreprocessConfig` of the training data (defaults if unknown)."""
-        from octpipe.preprocess.prepare import PreprocessConfig
-
-        record = self.preprocess or {}
-        if record.get("config") is None:
-            return PreprocessConfig()
-        return PreprocessConfig.from_dict(_complete(record["config"]))
-
-    @property
-    def preprocess_source(self) -> str:
-        """Where :meth:`preprocess_config` comes from: ``"store"``, another recorded source, or the default."""
-        record = self.preprocess or {}
-        if record.get("config") is None:
-            return DEFAULT_PREPROCESS_SOURCE
-        return str(record.get("source", "recorded"))
-
-    @property
-    def kappa(self) -> float:
-        """κ of A = A_R + κ·A_D (``encoder.kappa``)."""
-        return self.config.encoder.kappa
-
-    @property
-    def image_size(self) -> int:
-        """Patch side in pixels."""
-        return self.config.model.image_size
-
-    def to(self, device: str | torch.device) -> FAnoGANModel:
-        """Move the networks to ``device`` (in place) and return ``self``."""
-        for net in (self.generator, self.discriminator, self.encoder):
-            if net is not None:
-                net.to(device)
-        return self
-
-    def eval(self) -> FAnoGANModel:
-        """Put every network in eval mode and return ``self``."""
-        for net in (self.generator, self.discriminator, self.encoder):
-            if net is not None:
-                net.eval()
-        return self
-
-
 def save_model(model: FAnoGANModel, path: str | Path) -> Path:
     """Write a model as a ``model.pt`` bundle that :func:`load_run` reads (atomically).
 
@@ -431,27 +329,6 @@ def save_model(model: FAnoGANModel, path: str | Path) -> Path:
     if model.preprocess is not None:
         bundle["preprocess"] = _check_preprocess_record(model.preprocess, Path(path))
     return save_atomic(bundle, path)
-
-
-def _json_form(value: Any) -> Any:
-    """Tuples as lists, as after a JSON round trip (what the store's attributes hold)."""
-    return json.loads(json.dumps(value))
-
-
-#: Settings added to :class:`PreprocessConfig` after records were first written, with the value that
-#: describes what octpipe did before they existed (a record without them was made that way).
-_LEGACY_SETTINGS = {("flatten", "axial_spacing_um"): None}  # before: each volume's own axial sampling
-
-
-def _complete(config: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A recorded ``PreprocessConfig.to_dict()`` in JSON form, legacy settings filled in (see above)."""
-    if config is None:
-        return None
-    out = _json_form(config)
-    for (section, key), value in _LEGACY_SETTINGS.items():
-        if isinstance(out.get(section), dict) and key not in out[section]:
-            out[section][key] = value
-    return out
 
 
 def _check_preprocess_record(record: Any, where: Path) -> dict[str, Any]:

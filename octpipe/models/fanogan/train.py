@@ -36,16 +36,13 @@ Several processes
 
 from __future__ import annotations
 
-import atexit
 import csv
 import json
 import math
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +53,10 @@ from torch import nn
 from octpipe.errors import ConfigError, OctpipeError
 from octpipe.models.fanogan.checkpoint import (
     CHECKPOINT_FORMAT,
-    FAnoGANModel,
     RunPaths,
-    build_networks,
     capture_rng_state,
     check_resume_config,
     load_checkpoint,
-    provenance,
     restore_rng_state,
     save_atomic,
     store_preprocessing,
@@ -76,15 +70,25 @@ from octpipe.models.fanogan.losses import (
     wgan_gp_critic_loss,
     ziz_loss,
 )
+from octpipe.models.fanogan.model import FAnoGANModel, build_networks
 from octpipe.models.fanogan.networks import Generator, bn_stat_updates
 from octpipe.models.fanogan.optim import RMSpropTF
+from octpipe.models.fanogan.runtime import (
+    Dist,
+    Runtime,
+    all_mean,
+    barrier,
+    ddp,
+    maybe_compile,
+    place,
+    to_device,
+    training_runtime,
+)
 from octpipe.models.fanogan.score import (
     calibrate,
-    precision_context,
-    resolve_device,
-    resolve_precision,
     score_patches,
 )
+from octpipe.provenance import provenance
 
 __all__ = ["LOG_COLUMNS", "STAGES", "TrainingDiverged", "train", "train_gan", "train_encoder"]
 
@@ -109,145 +113,6 @@ class TrainingDiverged(OctpipeError):
 def _seed(*parts: int) -> int:
     """A 63-bit seed derived from integers (NumPy ``SeedSequence``)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-# --------------------------------------------------------------------------------------------
-# Process group and runtime settings
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-
-def _distributed(device_name: str) -> _Dist:
-    """Join the default process group, creating it under ``torchrun`` (``WORLD_SIZE`` > 1).
-
-    A group created here lives until the process exits (it is destroyed by an ``atexit`` hook):
-    re-creating the default group after destroying it can hang with ``env://`` rendezvous, and
-    ``stage='all'`` trains two stages in one process.
-    """
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    if not dist.is_initialized():
-        use_cuda = device_name != "cpu" and torch.cuda.is_available()
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        atexit.register(_destroy_group)
-    return _Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def _destroy_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-@dataclass(frozen=True)
-class _Runtime:
-    device: torch.device
-    precision: str
-    memory_format: torch.memory_format
-    compile: bool
-    dist: _Dist
-
-    @property
-    def channels_last(self) -> bool:
-        return self.memory_format == torch.channels_last
-
-    def amp(self) -> Any:
-        return precision_context(self.precision, self.device)
-
-    def describe(self) -> dict[str, Any]:
-        return {"device": str(self.device), "precision": self.precision, "channels_last": self.channels_last,
-                "compile": self.compile, "world_size": self.dist.world}
-
-
-@contextmanager
-def _runtime(config: FAnoGANConfig) -> Iterator[_Runtime]:
-    rt = config.runtime
-    with ExitStack() as stack:
-        d = _distributed(rt.device)
-        device = resolve_device(rt.device)
-        if device.type == "cuda":
-            if d.active:
-                device = torch.device("cuda", d.local_rank)
-            torch.cuda.set_device(device)
-        if rt.threads:
-            old_threads = torch.get_num_threads()
-            torch.set_num_threads(rt.threads)
-            stack.callback(torch.set_num_threads, old_threads)
-        if rt.deterministic:
-            old_det = torch.are_deterministic_algorithms_enabled()
-            old_cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-            stack.callback(torch.use_deterministic_algorithms, old_det)
-            stack.callback(setattr, torch.backends.cudnn, "deterministic", old_cudnn[0])
-            stack.callback(setattr, torch.backends.cudnn, "benchmark", old_cudnn[1])
-        channels_last = rt.channels_last if rt.channels_last != "auto" else True  # faster on CPU and CUDA
-        yield _Runtime(device=device, precision=resolve_precision(rt.precision, device, training=True),
-                       memory_format=torch.channels_last if channels_last else torch.contiguous_format,
-                       compile=rt.compile, dist=d)
-
-
-def _barrier(d: _Dist) -> None:
-    if d.active:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _all_mean(t: torch.Tensor, d: _Dist) -> torch.Tensor:
-    if not d.active:
-        return t
-    import torch.distributed as dist
-
-    t = t.clone()
-    dist.all_reduce(t)
-    return t / d.world
-
-
-def _place(module: nn.Module, rt: _Runtime) -> nn.Module:
-    """Move ``module`` to the device and memory format of the run.
-
-    With channels_last, weights that have a size-1 channel or kernel dimension (the 1-channel
-    input convolutions, the 1x1 shortcuts) are laid out the same either way, but their formal
-    strides differ; they are kept in the canonical contiguous strides that autograd gives their
-    gradients (also through the gradient penalty's double backward), so that DDP's gradient
-    buckets match them (otherwise it warns "Grad strides do not match bucket view strides").
-    """
-    module.to(rt.device, memory_format=rt.memory_format)
-    if rt.channels_last:
-        for p in module.parameters():
-            if p.ndim == 4 and 1 in p.shape[1:]:
-                p.data = p.data.clone(memory_format=torch.contiguous_format)
-    return module
-
-
-def _ddp(module: nn.Module, rt: _Runtime) -> nn.Module:
-    if not rt.dist.active:
-        return module
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [rt.device.index] if rt.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids)
-
-
-def _maybe_compile(module: Any, rt: _Runtime) -> Any:
-    return torch.compile(module) if rt.compile else module
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +195,7 @@ class _BatchStream:
     epoch is dropped.
     """
 
-    def __init__(self, source: _PatchSource, indices: np.ndarray, *, batch_size: int, d: _Dist, seed: int,
+    def __init__(self, source: _PatchSource, indices: np.ndarray, *, batch_size: int, d: Dist, seed: int,
                  stream: int, hflip: bool, window: int) -> None:
         self.source = source
         self.indices = np.asarray(indices, np.int64)
@@ -381,10 +246,6 @@ class _BatchStream:
 
     def load_state(self, state: dict[str, int]) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
-
-
-def _to_device(x: np.ndarray, rt: _Runtime) -> torch.Tensor:
-    return torch.from_numpy(x).to(rt.device).contiguous(memory_format=rt.memory_format)
 
 
 # --------------------------------------------------------------------------------------------
@@ -547,7 +408,7 @@ def _params_finite(*modules: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for m in modules for p in m.parameters())
 
 
-def _checkpoint_base(stage: str, config: FAnoGANConfig, rt: _Runtime) -> dict[str, Any]:
+def _checkpoint_base(stage: str, config: FAnoGANConfig, rt: Runtime) -> dict[str, Any]:
     return {"format": CHECKPOINT_FORMAT, "stage": stage, **provenance(), "config": config.to_dict(),
             "runtime": rt.describe()}
 
@@ -572,6 +433,104 @@ def _stage_inputs(store: str | Path, run_dir: str | Path, config: FAnoGANConfig 
             raise ConfigError("runtime.tensorboard is true but the tensorboard package is not installed "
                               "(pip install tensorboard)") from None
     return store, RunPaths(Path(run_dir)), config, source
+
+
+class _Stage:
+    """What both training stages share: log rows, divergence checks, checkpoints and ``run.json``.
+
+    A stage sets ``name`` (``"gan"``, ``"encoder"``; its checkpoints and log rows), ``label``
+    (in messages) and ``counter`` (the log column of its step count, :attr:`done`), and gives:
+    ``_log_row(info, values)`` for one pending log point (the row, its TensorBoard step and,
+    when the values diverged, the message), ``_progress_text()``, ``_trained()`` (the networks
+    it trains), ``_state(t0)`` (its checkpoint), ``_total()``, ``_plan(total)`` (the
+    ``run.json`` entry of a starting stage), ``_loop(log, t0, total)``, ``_finished(status,
+    seconds)`` (the entry of an ending one) and ``_result(steps_run, seconds)``. A pending log
+    point is ``(info, losses, time)``, the losses a tensor still on the device.
+    """
+
+    name: str
+    label: str
+    counter: str
+
+    def __init__(self, store: Path, paths: RunPaths, config: FAnoGANConfig, rt: Runtime, *, progress: bool) -> None:
+        self.store, self.paths, self.config, self.rt = store, paths, config, rt
+        self.seed = config.runtime.seed
+        self.progress_enabled = progress
+        self.pending: list[tuple[Any, torch.Tensor, float]] = []
+        self.last: dict[str, float | None] = {}
+        self.last_good: Path | None = None
+        self.resumed_from: int | None = None
+        self.elapsed = 0.0
+
+    @property
+    def done(self) -> int:
+        """Steps trained so far (the ``counter`` column)."""
+        return int(getattr(self, self.counter))
+
+    def _flush(self, log: _Log, t0: float) -> None:
+        if not self.pending:
+            return
+        values = all_mean(torch.stack([p[1] for p in self.pending]), self.rt.dist).cpu().tolist()
+        diverged = None
+        for (info, _, t), v in zip(self.pending, values, strict=True):
+            row, tb_step, diverged = self._log_row(info, v)
+            log.write({**row, "seconds": round(self.elapsed + t - t0, 3)}, tb_step)
+            if diverged is not None:
+                break
+        self.pending.clear()
+        log.flush()
+        if diverged is not None:
+            keep = (f"last good checkpoint {self.last_good} is kept" if self.last_good
+                    else "no checkpoint was written")
+            raise TrainingDiverged(f"{diverged}; {keep}")
+        log.progress(self.done, self._progress_text())
+
+    def _save(self, log: _Log, t0: float, snapshot: bool) -> None:
+        self._flush(log, t0)
+        if not _params_finite(*self._trained()):
+            raise TrainingDiverged(f"{self.label} training diverged at {self.counter.replace('_', ' ')} {self.done}: "
+                                   f"non-finite weights; last good checkpoint {self.last_good or '(none)'} is kept")
+        if self.rt.dist.main:
+            state = self._state(t0)
+            save_atomic(state, self.paths.checkpoint(self.name))
+            if snapshot:
+                save_atomic(state, self.paths.checkpoint(self.name, self.done))
+        self.last_good = self.paths.checkpoint(self.name)
+
+    def _kept_row(self, row: dict[str, str]) -> bool:
+        """Rows of an earlier ``log.csv`` that stay: other stages', and this one's up to the resumed step."""
+        return row.get("stage") != self.name or (self.resumed_from is not None and row.get(self.counter, "") != ""
+                                                 and int(row[self.counter]) <= self.resumed_from)
+
+    def run(self) -> dict[str, Any]:
+        """Train the stage to its end; returns :meth:`_result`."""
+        d = self.rt.dist
+        total = self._total()
+        if d.main:
+            _update_run_json(self.paths, self.store, self.name,
+                             {"status": "running", **self.rt.describe(), **self._plan(total)})
+        start_step = self.done
+        log = _Log(self.paths, self.name, keep=self._kept_row, enabled=d.main,
+                   tensorboard=self.config.runtime.tensorboard, progress=self.progress_enabled and d.main,
+                   total=total, done=self.done)
+        t0 = time.perf_counter()
+        status = "interrupted"
+        try:
+            self._loop(log, t0, total)
+            status = "complete"
+        except TrainingDiverged:
+            status = "diverged"
+            raise
+        except Exception:
+            status = "failed"
+            raise
+        finally:
+            log.close()
+            seconds = round(self.elapsed + time.perf_counter() - t0, 3)
+            if d.main:
+                _update_run_json(self.paths, self.store, self.name, self._finished(status, seconds))
+        barrier(d)
+        return self._result(self.done - start_step, seconds)
 
 
 # --------------------------------------------------------------------------------------------
@@ -621,7 +580,7 @@ def train_gan(
         If a loss becomes non-finite or leaves its bound (the last good checkpoint is kept).
     """
     store, paths, config, source = _stage_inputs(store, run_dir, config)
-    with _runtime(config) as rt:
+    with training_runtime(config) as rt:
         return _GANTrainer(store, paths, config, source, rt, resume=resume, overwrite=overwrite,
                            progress=progress).run()
 
@@ -640,23 +599,23 @@ def _existing_checkpoint(paths: RunPaths, stage: str, config: FAnoGANConfig, *, 
     return ckpt
 
 
-class _GANTrainer:
-    def __init__(self, store: Path, paths: RunPaths, config: FAnoGANConfig, source: _PatchSource, rt: _Runtime, *,
+class _GANTrainer(_Stage):
+    name, label, counter = "gan", "GAN", "critic_step"
+
+    def __init__(self, store: Path, paths: RunPaths, config: FAnoGANConfig, source: _PatchSource, rt: Runtime, *,
                  resume: bool, overwrite: bool, progress: bool) -> None:
-        self.store, self.paths, self.config, self.rt = store, paths, config, rt
+        super().__init__(store, paths, config, rt, progress=progress)
         self.cfg = config.gan
-        self.seed = config.runtime.seed
-        self.progress_enabled = progress
         d = rt.dist
         ckpt = _existing_checkpoint(paths, "gan", config, resume=resume, overwrite=overwrite,
                                     what="a GAN checkpoint", restart="start again")
-        _barrier(d)  # every rank has read the checkpoint before rank 0 may delete it
+        barrier(d)  # every rank has read the checkpoint before rank 0 may delete it
         if d.main:
             if overwrite and paths.root.exists():
                 paths.remove_own()  # only the run's files: a user's other files in the folder stay
             paths.root.mkdir(parents=True, exist_ok=True)
             _write_config(paths, config)
-        _barrier(d)
+        barrier(d)
 
         train_idx, _, val_idx, self.held_out = _holdout(source, config, store)
         self.n_train, self.n_val = len(train_idx), len(val_idx)
@@ -667,7 +626,6 @@ class _GANTrainer:
         g, dnet, _ = build_networks(config)
         self.critic_step = 0
         self.generator_step = 0
-        self.elapsed = 0.0
         if ckpt is not None:
             g.load_state_dict(ckpt["generator"])
             dnet.load_state_dict(ckpt["discriminator"])
@@ -676,8 +634,8 @@ class _GANTrainer:
             self.elapsed = float(ckpt["counters"].get("seconds", 0.0))
             self.stream.load_state(ckpt["data"])
         self.resumed_from = self.critic_step if ckpt is not None else None
-        self.g = _place(g, rt).train()
-        self.d = _place(dnet, rt).train()
+        self.g = place(g, rt).train()
+        self.d = place(dnet, rt).train()
         betas = self.cfg.betas
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=self.cfg.lr, betas=betas)
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=self.cfg.lr, betas=betas)
@@ -687,12 +645,10 @@ class _GANTrainer:
             restore_rng_state(ckpt["rng"])
         self.last_good = paths.checkpoint("gan") if ckpt is not None else None
         # Training views: DDP for gradient sync, torch.compile for G only (D needs double backward).
-        self.g_train = _maybe_compile(_ddp(self.g, rt), rt)
-        self.g_sample = _maybe_compile(self.g, rt)
-        self.d_train = _ddp(self.d, rt)
+        self.g_train = maybe_compile(ddp(self.g, rt), rt)
+        self.g_sample = maybe_compile(self.g, rt)
+        self.d_train = ddp(self.d, rt)
         self.noise = torch.Generator()
-        self.pending: list[tuple[int, int, bool, torch.Tensor, float]] = []
-        self.last: dict[str, float | None] = {}
 
     # ---- steps -------------------------------------------------------------------------------
     def _z(self, stream: int, step: int) -> torch.Tensor:
@@ -701,7 +657,7 @@ class _GANTrainer:
         return z.to(self.rt.device, non_blocking=True)
 
     def _critic_step(self) -> torch.Tensor:
-        real = _to_device(self.stream.next(), self.rt)
+        real = to_device(self.stream.next(), self.rt)
         z = self._z(_S_CRITIC, self.critic_step)  # also seeds the α draws of the penalty
         with torch.no_grad(), bn_stat_updates(self.g, enabled=False), self.rt.amp():
             fake = self.g_sample(z)
@@ -735,121 +691,88 @@ class _GANTrainer:
     def _crossed(self, before: int, after: int, every: int) -> bool:
         return every > 0 and self._units(after) // every > self._units(before) // every
 
-    def _flush(self, log: _Log, t0: float) -> None:
-        if not self.pending:
-            return
-        values = _all_mean(torch.stack([p[3] for p in self.pending]), self.rt.dist).cpu().tolist()
-        bad = None
-        for (c, gs, has_g, _, t), (d_loss, w, gp, g_loss) in zip(self.pending, values, strict=True):
-            row = {"stage": "gan", "critic_step": c, "generator_step": gs, "d_loss": d_loss,
-                   "g_loss": g_loss if has_g else None, "wasserstein": w, "gp": gp,
-                   "seconds": round(self.elapsed + t - t0, 3)}
-            log.write(row, c)
-            self.last = {"d_loss": d_loss, "g_loss": row["g_loss"], "wasserstein": w, "gp": gp}
-            finite = all(math.isfinite(v) for v in (d_loss, w, gp) + ((g_loss,) if has_g else ()))
-            if not finite or abs(w) > self.cfg.max_wasserstein:
-                bad = (c, gs, finite, d_loss, row["g_loss"], w, gp)
-                break
-        self.pending.clear()
-        log.flush()
-        if bad is not None:
-            c, gs, finite, d_loss, g_loss, w, gp = bad
-            what = "a non-finite loss" if not finite else \
-                f"|Wasserstein estimate| > gan.max_wasserstein ({self.cfg.max_wasserstein:g})"
-            keep = (f"last good checkpoint {self.last_good} is kept" if self.last_good
-                    else "no checkpoint was written")
-            raise TrainingDiverged(f"GAN training diverged at critic step {c} (generator step {gs}): {what} "
-                                   f"(d_loss={d_loss:.4g}, g_loss={_fmt(g_loss) or '-'}, wasserstein={w:.4g}, "
-                                   f"gp={gp:.4g}); {keep}")
-        log.progress(self.critic_step, f"D {self.last['d_loss']:.3f} G {_fmt(self.last['g_loss']) or '-'} "
-                                       f"W {self.last['wasserstein']:.3f} GP {self.last['gp']:.3f}")
+    def _log_row(self, info: tuple[int, int, bool], values: list[float]
+                 ) -> tuple[dict[str, Any], int, str | None]:
+        c, gs, has_g = info
+        d_loss, w, gp, g_loss = values
+        row = {"stage": "gan", "critic_step": c, "generator_step": gs, "d_loss": d_loss,
+               "g_loss": g_loss if has_g else None, "wasserstein": w, "gp": gp}
+        self.last = {"d_loss": d_loss, "g_loss": row["g_loss"], "wasserstein": w, "gp": gp}
+        finite = all(math.isfinite(v) for v in (d_loss, w, gp) + ((g_loss,) if has_g else ()))
+        if finite and abs(w) <= self.cfg.max_wasserstein:
+            return row, c, None
+        what = "a non-finite loss" if not finite else \
+            f"|Wasserstein estimate| > gan.max_wasserstein ({self.cfg.max_wasserstein:g})"
+        return row, c, (f"GAN training diverged at critic step {c} (generator step {gs}): {what} "
+                        f"(d_loss={d_loss:.4g}, g_loss={_fmt(row['g_loss']) or '-'}, wasserstein={w:.4g}, "
+                        f"gp={gp:.4g})")
 
-    def _save(self, log: _Log, t0: float, snapshot: bool) -> None:
-        self._flush(log, t0)
-        if not _params_finite(self.g, self.d):
-            raise TrainingDiverged(f"GAN training diverged at critic step {self.critic_step}: non-finite weights; "
-                                   f"last good checkpoint {self.last_good or '(none)'} is kept")
-        if self.rt.dist.main:
-            state = {
-                **_checkpoint_base("gan", self.config, self.rt),
-                "generator": self.g.state_dict(), "discriminator": self.d.state_dict(), "encoder": None,
-                "optimizers": {"generator": self.opt_g.state_dict(), "discriminator": self.opt_d.state_dict()},
-                "counters": {"critic_step": self.critic_step, "generator_step": self.generator_step,
-                             "seconds": round(self.elapsed + time.perf_counter() - t0, 3)},
-                "data": self.stream.state(), "rng": capture_rng_state(), "held_out": self.held_out,
-            }
-            save_atomic(state, self.paths.checkpoint("gan"))
-            if snapshot:
-                save_atomic(state, self.paths.checkpoint("gan", self.critic_step))
-        self.last_good = self.paths.checkpoint("gan")
+    def _progress_text(self) -> str:
+        return (f"D {self.last['d_loss']:.3f} G {_fmt(self.last['g_loss']) or '-'} "
+                f"W {self.last['wasserstein']:.3f} GP {self.last['gp']:.3f}")
+
+    def _trained(self) -> tuple[nn.Module, ...]:
+        return self.g, self.d
+
+    def _state(self, t0: float) -> dict[str, Any]:
+        return {
+            **_checkpoint_base("gan", self.config, self.rt),
+            "generator": self.g.state_dict(), "discriminator": self.d.state_dict(), "encoder": None,
+            "optimizers": {"generator": self.opt_g.state_dict(), "discriminator": self.opt_d.state_dict()},
+            "counters": {"critic_step": self.critic_step, "generator_step": self.generator_step,
+                         "seconds": round(self.elapsed + time.perf_counter() - t0, 3)},
+            "data": self.stream.state(), "rng": capture_rng_state(), "held_out": self.held_out,
+        }
 
     # ---- loop ----------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
-        cfg, rt, d = self.cfg, self.rt, self.rt.dist
-        total, k = cfg.critic_steps_for(len(self.stream.indices) // self.stream.per_step), cfg.critic_iters
+    def _total(self) -> int:
+        return self.cfg.critic_steps_for(len(self.stream.indices) // self.stream.per_step)
+
+    def _plan(self, total: int) -> dict[str, Any]:
+        return {"held_out": self.held_out, "n_train": self.n_train, "n_held_out": self.n_val,
+                "total_critic_steps": total, "count": self.cfg.count}
+
+    def _loop(self, log: _Log, t0: float, total: int) -> None:
+        cfg, d, k = self.cfg, self.rt.dist, self.cfg.critic_iters
+        acc: torch.Tensor | None = None
+        n_acc = 0
+        g_loss: torch.Tensor | None = None
+        boundary = self.critic_step
+        while self.critic_step < total:
+            if self.critic_step > 0 and self.critic_step % k == 0:
+                g_loss = self._generator_step()
+                self.generator_step += 1
+            stats = self._critic_step()
+            self.critic_step += 1
+            acc = stats if acc is None else acc + stats
+            n_acc += 1
+            if self.critic_step % k and self.critic_step != total:
+                continue
+            row = torch.cat([acc / n_acc, (g_loss if g_loss is not None else acc.new_full((), math.nan))[None]])
+            self.pending.append(((self.critic_step, self.generator_step, g_loss is not None), row,
+                                 time.perf_counter()))
+            acc, n_acc, g_loss = None, 0, None
+            before, boundary = boundary, self.critic_step
+            final = self.critic_step == total
+            log.progress(self.critic_step)
+            if final or self._crossed(before, boundary, cfg.checkpoint_every):
+                self._save(log, t0, snapshot=self._crossed(before, boundary, cfg.snapshot_every) or final)
+            elif self._crossed(before, boundary, cfg.log_every):
+                self._flush(log, t0)
+            if d.main and (self._crossed(before, boundary, cfg.sample_every) or final and cfg.sample_every):
+                _write_samples(self.g, self.paths.samples / f"gan-{self.critic_step:08d}.png", self.seed, cfg.prior)
         if d.main:
-            _update_run_json(self.paths, self.store, "gan", {
-                "status": "running", **rt.describe(), "held_out": self.held_out, "n_train": self.n_train,
-                "n_held_out": self.n_val, "total_critic_steps": total, "count": cfg.count})
-        start_step = self.critic_step
+            _write_interpolation(self.g, self.paths.samples / "interpolation.png", self.seed, cfg.prior)
 
-        def keep(row: dict[str, str]) -> bool:
-            return row.get("stage") != "gan" or (self.resumed_from is not None and row.get("critic_step", "") != ""
-                                                 and int(row["critic_step"]) <= self.resumed_from)
+    def _finished(self, status: str, seconds: float) -> dict[str, Any]:
+        return {"status": status, "critic_step": self.critic_step, "generator_step": self.generator_step,
+                "seconds": seconds}
 
-        log = _Log(self.paths, "gan", keep=keep, enabled=d.main, tensorboard=self.config.runtime.tensorboard,
-                   progress=self.progress_enabled and d.main, total=total, done=self.critic_step)
-        t0 = time.perf_counter()
-        status = "interrupted"
-        try:
-            acc: torch.Tensor | None = None
-            n_acc = 0
-            g_loss: torch.Tensor | None = None
-            boundary = self.critic_step
-            while self.critic_step < total:
-                if self.critic_step > 0 and self.critic_step % k == 0:
-                    g_loss = self._generator_step()
-                    self.generator_step += 1
-                stats = self._critic_step()
-                self.critic_step += 1
-                acc = stats if acc is None else acc + stats
-                n_acc += 1
-                if self.critic_step % k and self.critic_step != total:
-                    continue
-                row = torch.cat([acc / n_acc, (g_loss if g_loss is not None else acc.new_full((), math.nan))[None]])
-                self.pending.append((self.critic_step, self.generator_step, g_loss is not None, row,
-                                     time.perf_counter()))
-                acc, n_acc, g_loss = None, 0, None
-                before, boundary = boundary, self.critic_step
-                final = self.critic_step == total
-                log.progress(self.critic_step)
-                if final or self._crossed(before, boundary, cfg.checkpoint_every):
-                    self._save(log, t0, snapshot=self._crossed(before, boundary, cfg.snapshot_every) or final)
-                elif self._crossed(before, boundary, cfg.log_every):
-                    self._flush(log, t0)
-                if d.main and (self._crossed(before, boundary, cfg.sample_every) or final and cfg.sample_every):
-                    _write_samples(self.g, self.paths.samples / f"gan-{self.critic_step:08d}.png", self.seed, cfg.prior)
-            if d.main:
-                _write_interpolation(self.g, self.paths.samples / "interpolation.png", self.seed, cfg.prior)
-            status = "complete"
-        except TrainingDiverged:
-            status = "diverged"
-            raise
-        except Exception:
-            status = "failed"
-            raise
-        finally:
-            log.close()
-            seconds = round(self.elapsed + time.perf_counter() - t0, 3)
-            if d.main:
-                _update_run_json(self.paths, self.store, "gan", {
-                    "status": status, "critic_step": self.critic_step, "generator_step": self.generator_step,
-                    "seconds": seconds})
-        _barrier(d)
+    def _result(self, steps_run: int, seconds: float) -> dict[str, Any]:
         return {"stage": "gan", "critic_step": self.critic_step, "generator_step": self.generator_step,
-                "resumed_from": self.resumed_from, "steps_run": self.critic_step - start_step,
+                "resumed_from": self.resumed_from, "steps_run": steps_run,
                 "checkpoint": self.paths.checkpoint("gan"), "last": self.last, "seconds": seconds,
-                "runtime": rt.describe(), "held_out": self.held_out}
+                "runtime": self.rt.describe(), "held_out": self.held_out}
 
 
 # --------------------------------------------------------------------------------------------
@@ -899,18 +822,18 @@ def train_encoder(
         If the loss becomes non-finite or exceeds ``encoder.max_loss``.
     """
     store, paths, config, source = _stage_inputs(store, run_dir, config)
-    with _runtime(config) as rt:
+    with training_runtime(config) as rt:
         return _EncoderTrainer(store, paths, config, source, rt, resume=resume, overwrite=overwrite,
                                progress=progress).run()
 
 
-class _EncoderTrainer:
-    def __init__(self, store: Path, paths: RunPaths, config: FAnoGANConfig, source: _PatchSource, rt: _Runtime, *,
+class _EncoderTrainer(_Stage):
+    name, label, counter = "encoder", "encoder", "step"
+
+    def __init__(self, store: Path, paths: RunPaths, config: FAnoGANConfig, source: _PatchSource, rt: Runtime, *,
                  resume: bool, overwrite: bool, progress: bool) -> None:
-        self.store, self.paths, self.config, self.rt = store, paths, config, rt
+        super().__init__(store, paths, config, rt, progress=progress)
         self.cfg = config.encoder
-        self.seed = config.runtime.seed
-        self.progress_enabled = progress
         d = rt.dist
         ckpt = _existing_checkpoint(paths, "encoder", config, resume=resume, overwrite=overwrite,
                                     what="an encoder checkpoint", restart="train it again")
@@ -943,14 +866,14 @@ class _EncoderTrainer:
                                   f"{saved['runtime']['seed']} (the held-out patches depend on it)")
         self.gan_steps = {k: int(v) for k, v in source_ckpt.get("counters", {}).items()
                           if k in ("critic_step", "generator_step")} if ckpt is None else ckpt.get("gan_steps", {})
-        _barrier(d)
+        barrier(d)
         if d.main:
             paths.root.mkdir(parents=True, exist_ok=True)
             if overwrite or ckpt is None:
                 for p in [*paths.checkpoints.glob("encoder-*.pt"), paths.calibration, paths.bundle]:
                     p.unlink(missing_ok=True)
             _write_config(paths, config)
-        _barrier(d)
+        barrier(d)
 
         train_idx, val_source, val_idx, self.held_out = _holdout(source, config, store)
         self.val_source, self.val_idx = val_source, val_idx
@@ -962,28 +885,26 @@ class _EncoderTrainer:
         g.load_state_dict(source_ckpt["generator"])
         dnet.load_state_dict(source_ckpt["discriminator"])
         self.step = 0
-        self.elapsed = 0.0
         if ckpt is not None:
             e.load_state_dict(ckpt["encoder"])
             self.step = int(ckpt["counters"]["step"])
             self.elapsed = float(ckpt["counters"].get("seconds", 0.0))
             self.stream.load_state(ckpt["data"])
         self.resumed_from = self.step if ckpt is not None else None
-        self.g = _place(g, rt).eval().requires_grad_(False)
-        self.d = _place(dnet, rt).eval().requires_grad_(False)
-        self.e = _place(e, rt).train()
+        self.g = place(g, rt).eval().requires_grad_(False)
+        self.d = place(dnet, rt).eval().requires_grad_(False)
+        self.e = place(e, rt).train()
         self.opt = RMSpropTF(self.e.parameters(), lr=self.cfg.lr, alpha=self.cfg.alpha, eps=self.cfg.eps)
         if ckpt is not None:
             self.opt.load_state_dict(ckpt["optimizers"]["encoder"])
             restore_rng_state(ckpt["rng"])
         self.last_good = paths.checkpoint("encoder") if ckpt is not None else None
-        self.e_train = _maybe_compile(_ddp(self.e, rt), rt)
-        self.g_fwd = _maybe_compile(self.g, rt)
-        self.d_feat = _maybe_compile(self.d.features, rt)
+        self.e_train = maybe_compile(ddp(self.e, rt), rt)
+        self.g_fwd = maybe_compile(self.g, rt)
+        self.d_feat = maybe_compile(self.d.features, rt)
         self.noise = torch.Generator()
-        self.pending: list[tuple[int, torch.Tensor, float | None, float]] = []
-        self.last: dict[str, float | None] = {}
         self.last_val: float | None = None
+        self.calibration_path: Path | None = None
 
     def _loss(self, x: torch.Tensor | None, z: torch.Tensor | None, encoder: Callable[[torch.Tensor], torch.Tensor]
               ) -> torch.Tensor:
@@ -1005,7 +926,7 @@ class _EncoderTrainer:
             self.noise.manual_seed(_seed(self.seed, _S_ENC, self.rt.dist.rank, self.step))
             z = _prior(self.cfg.batch_size, self.config.model.latent_dim, self.config.gan.prior, self.noise)
             return None, z.to(self.rt.device)
-        return _to_device(self.stream.next(), self.rt), None
+        return to_device(self.stream.next(), self.rt), None
 
     def _train_step(self) -> torch.Tensor:
         x, z = self._batch()
@@ -1034,33 +955,27 @@ class _EncoderTrainer:
                     return None
                 for i in range(0, min(len(self.val_idx), bs * nb), bs):
                     x = self.val_source.read(self.val_idx[i:i + bs])[:, None]
-                    losses.append(float(self._loss(_to_device(x, self.rt), None, self.e)))
+                    losses.append(float(self._loss(to_device(x, self.rt), None, self.e)))
             return float(np.mean(losses))
         finally:
             self.e.train()
 
-    def _flush(self, log: _Log, t0: float) -> None:
-        if not self.pending:
-            return
-        values = _all_mean(torch.stack([p[1] for p in self.pending]), self.rt.dist).cpu().tolist()
-        bad = None
-        for (step, _, val, t), loss in zip(self.pending, values, strict=True):
-            log.write({"stage": "encoder", "step": step, "loss": loss, "val_loss": val,
-                       "seconds": round(self.elapsed + t - t0, 3)}, step)
-            self.last = {"loss": loss, "val_loss": val}
-            if not math.isfinite(loss) or loss > self.cfg.max_loss:
-                bad = (step, loss)
-                break
-        self.pending.clear()
-        log.flush()
-        if bad is not None:
-            what = "a non-finite loss" if not math.isfinite(bad[1]) else \
-                f"loss > encoder.max_loss ({self.cfg.max_loss:g})"
-            keep = (f"last good checkpoint {self.last_good} is kept" if self.last_good
-                    else "no checkpoint was written")
-            raise TrainingDiverged(f"encoder training diverged at step {bad[0]}: {what} (loss={bad[1]:.4g}); {keep}")
+    def _log_row(self, info: tuple[int, float | None], values: float) -> tuple[dict[str, Any], int, str | None]:
+        step, val = info
+        loss = values
+        self.last = {"loss": loss, "val_loss": val}
+        row = {"stage": "encoder", "step": step, "loss": loss, "val_loss": val}
+        if math.isfinite(loss) and loss <= self.cfg.max_loss:
+            return row, step, None
+        what = "a non-finite loss" if not math.isfinite(loss) else f"loss > encoder.max_loss ({self.cfg.max_loss:g})"
+        return row, step, f"encoder training diverged at step {step}: {what} (loss={loss:.4g})"
+
+    def _progress_text(self) -> str:
         val = f" val {self.last_val:.4f}" if self.last_val is not None else ""
-        log.progress(self.step, f"{self.cfg.mode} {self.last['loss']:.4f}{val}")
+        return f"{self.cfg.mode} {self.last['loss']:.4f}{val}"
+
+    def _trained(self) -> tuple[nn.Module, ...]:
+        return (self.e,)
 
     def _state(self, t0: float) -> dict[str, Any]:
         return {
@@ -1071,18 +986,6 @@ class _EncoderTrainer:
             "gan_steps": self.gan_steps, "data": self.stream.state(), "rng": capture_rng_state(),
             "held_out": self.held_out,
         }
-
-    def _save(self, log: _Log, t0: float, snapshot: bool) -> None:
-        self._flush(log, t0)
-        if not _params_finite(self.e):
-            raise TrainingDiverged(f"encoder training diverged at step {self.step}: non-finite weights; last good "
-                                   f"checkpoint {self.last_good or '(none)'} is kept")
-        if self.rt.dist.main:
-            state = self._state(t0)
-            save_atomic(state, self.paths.checkpoint("encoder"))
-            if snapshot:
-                save_atomic(state, self.paths.checkpoint("encoder", self.step))
-        self.last_good = self.paths.checkpoint("encoder")
 
     def _calibrate(self) -> tuple[Path | None, dict[str, Any] | None]:
         if self.val_source is None or len(self.val_idx) == 0:
@@ -1099,68 +1002,48 @@ class _EncoderTrainer:
         write_text_atomic(self.paths.calibration, json.dumps(cal) + "\n")
         return self.paths.calibration, cal
 
-    def run(self) -> dict[str, Any]:
-        cfg, rt, d = self.cfg, self.rt, self.rt.dist
-        total = cfg.iterations
+    def _total(self) -> int:
+        return self.cfg.iterations
+
+    def _plan(self, total: int) -> dict[str, Any]:
+        return {"mode": self.cfg.mode, "held_out": self.held_out, "n_train": self.n_train,
+                "n_held_out": int(len(self.val_idx)), "iterations": total, "gan_steps": self.gan_steps}
+
+    def _loop(self, log: _Log, t0: float, total: int) -> None:
+        cfg, d = self.cfg, self.rt.dist
+        while self.step < total:
+            before = self.step
+            loss = self._train_step()
+            self.step += 1
+            final = self.step == total
+            val = None
+            if final or (cfg.val_every and self.step // cfg.val_every > before // cfg.val_every):
+                val = self.last_val = self._validate()
+            self.pending.append(((self.step, val), loss, time.perf_counter()))
+            log.progress(self.step)
+            if final or self.step // cfg.checkpoint_every > before // cfg.checkpoint_every:
+                snap = final or (cfg.snapshot_every > 0 and self.step // cfg.snapshot_every >
+                                 before // cfg.snapshot_every)
+                self._save(log, t0, snapshot=snap)
+            elif self.step // cfg.log_every > before // cfg.log_every:
+                self._flush(log, t0)
         if d.main:
-            _update_run_json(self.paths, self.store, "encoder", {
-                "status": "running", **rt.describe(), "mode": cfg.mode, "held_out": self.held_out,
-                "n_train": self.n_train, "n_held_out": int(len(self.val_idx)), "iterations": total,
-                "gan_steps": self.gan_steps})
-        start_step = self.step
+            self.calibration_path, cal = self._calibrate()
+            bundle = {**_checkpoint_base("bundle", self.config, self.rt), "generator": self.g.state_dict(),
+                      "discriminator": self.d.state_dict(), "encoder": self.e.state_dict(),
+                      "calibration": cal, "counters": {"step": self.step, **self.gan_steps},
+                      "preprocess": store_preprocessing(self.store, (self.config.data.split,
+                                                                     self.config.data.val_split))}
+            save_atomic(bundle, self.paths.bundle)
 
-        def keep(row: dict[str, str]) -> bool:
-            return row.get("stage") != "encoder" or (self.resumed_from is not None and row.get("step", "") != ""
-                                                     and int(row["step"]) <= self.resumed_from)
+    def _finished(self, status: str, seconds: float) -> dict[str, Any]:
+        return {"status": status, "step": self.step, "seconds": seconds, "val_loss": self.last_val}
 
-        log = _Log(self.paths, "encoder", keep=keep, enabled=d.main, tensorboard=self.config.runtime.tensorboard,
-                   progress=self.progress_enabled and d.main, total=total, done=self.step)
-        t0 = time.perf_counter()
-        status = "interrupted"
-        calibration_path = None
-        try:
-            while self.step < total:
-                before = self.step
-                loss = self._train_step()
-                self.step += 1
-                final = self.step == total
-                val = None
-                if final or (cfg.val_every and self.step // cfg.val_every > before // cfg.val_every):
-                    val = self.last_val = self._validate()
-                self.pending.append((self.step, loss, val, time.perf_counter()))
-                log.progress(self.step)
-                if final or self.step // cfg.checkpoint_every > before // cfg.checkpoint_every:
-                    snap = final or (cfg.snapshot_every > 0 and self.step // cfg.snapshot_every >
-                                     before // cfg.snapshot_every)
-                    self._save(log, t0, snapshot=snap)
-                elif self.step // cfg.log_every > before // cfg.log_every:
-                    self._flush(log, t0)
-            if d.main:
-                calibration_path, cal = self._calibrate()
-                bundle = {**_checkpoint_base("bundle", self.config, self.rt), "generator": self.g.state_dict(),
-                          "discriminator": self.d.state_dict(), "encoder": self.e.state_dict(),
-                          "calibration": cal, "counters": {"step": self.step, **self.gan_steps},
-                          "preprocess": store_preprocessing(self.store, (self.config.data.split,
-                                                                         self.config.data.val_split))}
-                save_atomic(bundle, self.paths.bundle)
-            status = "complete"
-        except TrainingDiverged:
-            status = "diverged"
-            raise
-        except Exception:
-            status = "failed"
-            raise
-        finally:
-            log.close()
-            seconds = round(self.elapsed + time.perf_counter() - t0, 3)
-            if d.main:
-                _update_run_json(self.paths, self.store, "encoder", {
-                    "status": status, "step": self.step, "seconds": seconds, "val_loss": self.last_val})
-        _barrier(d)
+    def _result(self, steps_run: int, seconds: float) -> dict[str, Any]:
         return {"stage": "encoder", "step": self.step, "resumed_from": self.resumed_from,
-                "steps_run": self.step - start_step, "checkpoint": self.paths.checkpoint("encoder"),
-                "last": self.last, "val_loss": self.last_val, "calibration": calibration_path,
-                "bundle": self.paths.bundle, "seconds": seconds, "runtime": rt.describe(),
+                "steps_run": steps_run, "checkpoint": self.paths.checkpoint("encoder"),
+                "last": self.last, "val_loss": self.last_val, "calibration": self.calibration_path,
+                "bundle": self.paths.bundle, "seconds": seconds, "runtime": self.rt.describe(),
                 "held_out": self.held_out}
 
 
