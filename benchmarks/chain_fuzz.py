@@ -54,6 +54,7 @@ from octpipe.testing.chain_fuzz import (  # noqa: E402
     OUTCOMES,
     REDUCE_PX,
     TIMEOUT_S,
+    TIMEOUT_S_PER_MIB,
     chain_cases,
     chain_sources,
     run_case,
@@ -76,6 +77,14 @@ def _run_one(case: dict, folder: Path, with_export: bool) -> list[dict]:
 def _source_state() -> dict[str, float]:
     """Modification times of octpipe's source files (the preloaded forkserver runs the code as it was at start)."""
     return {str(p.relative_to(ROOT)): p.stat().st_mtime for p in sorted((ROOT / "octpipe").rglob("*.py"))}
+
+
+def _environment_state() -> dict[str, float]:
+    """Modification times of the installed packages (top level of site-packages)."""
+    import sysconfig
+
+    site = Path(sysconfig.get_paths()["purelib"])
+    return {p.name: p.stat().st_mtime for p in site.iterdir()} if site.is_dir() else {}
 
 
 def _git(*args: str) -> str:
@@ -106,7 +115,7 @@ def main() -> int:
         print(f"no real data under {args.data}", file=sys.stderr)
         return 2
     cases = list(chain_cases(args.seed, args.n, sources))
-    state_at_start = _source_state()
+    state_at_start, env_at_start = _source_state(), _environment_state()
     git_head = _git("rev-parse", "HEAD").strip()
     git_dirty = [line[3:] for line in _git("status", "--porcelain", "--", "octpipe").splitlines() if line.strip()]
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -127,7 +136,7 @@ def main() -> int:
                 bad = [r for r in out if r["outcome"] in BAD_OUTCOMES]
                 for r in bad:
                     print(f"  BAD {r['command']} {r['outcome']}: case {case['id']} {_case_line(case)}: "
-                          f"{r['stderr_line'][:160]}", flush=True)
+                          f"{r['finding'][:200]}", flush=True)
                 if done % 50 == 0 or done == len(cases):
                     print(f"{done}/{len(cases)} cases, {len(results)} runs, {time.perf_counter() - t_start:.0f} s",
                           flush=True)
@@ -135,9 +144,14 @@ def main() -> int:
     state_at_end = _source_state()
     changed = sorted(k for k in state_at_start.keys() | state_at_end.keys()
                      if state_at_start.get(k) != state_at_end.get(k))
+    env_at_end = _environment_state()
+    env_changed = sorted(k for k in env_at_start.keys() | env_at_end.keys() if env_at_start.get(k) != env_at_end.get(k))
     if changed:
         print(f"warning: octpipe sources changed during the run (the cases ran the code as at the start): "
               f"{', '.join(changed)}", file=sys.stderr)
+    if env_changed:
+        print(f"warning: installed packages changed during the run (ImportError tracebacks may come from that): "
+              f"{', '.join(env_changed)}", file=sys.stderr)
     by_id = {c["id"]: c for c in cases}
 
     per_command: dict[str, dict] = {}
@@ -159,6 +173,7 @@ def main() -> int:
             "peak_memory_growth_median_bytes": sorted(peaks)[len(peaks) // 2] if peaks else 0,
             "peak_memory_max_budget_fraction": round(max(fractions, default=0.0), 3),
             "timeout_s": TIMEOUT_S[command],
+            "timeout_s_per_input_mib": TIMEOUT_S_PER_MIB[command],
             "allowance_bytes": ALLOWANCE_BYTES[command],
         }
     failures = []
@@ -167,7 +182,8 @@ def main() -> int:
             continue
         case = by_id[r["case"]]
         failures.append({
-            "case": r["case"], "command": r["command"], "outcome": r["outcome"], "stderr_line": r["stderr_line"],
+            "case": r["case"], "command": r["command"], "outcome": r["outcome"], "finding": r["finding"],
+            "stderr_line": r["stderr_line"], "time_limit_s": r["time_limit_s"],
             "argv": ["octpipe", *r["argv"]], "mutation": r["mutation"], "params": r["params"],
             "format": r["format"], "shape": r["shape"], "n_frames": r["n_frames"], "source": r["source"],
             "reduce": case["reduce"], "frame": case["frame"], "quality": case["quality"],
@@ -178,7 +194,7 @@ def main() -> int:
     # the distinct defects: one entry per (command, first stderr line with numbers blanked)
     signatures: dict[tuple[str, str, str], dict] = {}
     for f in failures:
-        key = (f["command"], f["outcome"], re.sub(r"\d+(\.\d+)?", "N", f["stderr_line"]))
+        key = (f["command"], f["outcome"], re.sub(r"\d+(\.\d+)?", "N", f["finding"]))
         entry = signatures.setdefault(key, {"command": key[0], "outcome": key[1], "message": key[2], "count": 0,
                                             "mutations": Counter(), "example_case": f["case"]})
         entry["count"] += 1
@@ -195,6 +211,7 @@ def main() -> int:
         "git_head": git_head,
         "octpipe_files_uncommitted": git_dirty,
         "octpipe_files_changed_during_run": changed,
+        "packages_changed_during_run": env_changed,
         "started": started,
         "random_seed": args.seed,
         "cases": len(cases),
@@ -208,7 +225,7 @@ def main() -> int:
         "outcome_meaning": {
             "ok": "exit 0", "error": "exit 1 with a one-line error (error: / failed ...)",
             "traceback": "a Traceback, 'error: unexpected ...' or an exception escaping main (bug)",
-            "hang": "no result within the command's time limit (bug)",
+            "hang": "no result within the command's time limit, a fixed part plus a part per MiB of input (bug)",
             "memory": "peak resident growth > 2 x input (float32 pixels or file bytes) + allowance (bug)",
             "crash": "the child process died without a result (bug)",
             "bad_exit": "neither exit 0 nor exit 1 with an error line (bug)",

@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from octpipe.patches import grid_starts
+from octpipe.preprocess.blocks import slabs
 from octpipe.preprocess.flatten import unflatten_image
 from octpipe.preprocess.resample import upsample_columns
 
@@ -221,6 +222,10 @@ def to_source_geometry(
     ins = np.asarray(inside, dtype=bool)
     _, n_axial, n_ascans = ins.shape
     m = np.nan_to_num(np.asarray(flat_map, dtype=np.float32), nan=0.0)
-    down = unflatten_image(m, flatmap, n_axial=n_axial, bm_row=bm_row, order=1, fill=0.0)
-    up = upsample_columns(down, factor, n_ascans) if (factor != 1 or down.shape[-1] != n_ascans) else down
-    return np.where(ins, up, 0.0).astype(np.float32)
+    fm = np.asarray(flatmap)
+    out = np.empty(ins.shape, dtype=np.float32)
+    for sl in slabs(ins.shape):  # B-scan by B-scan: the float64 sampling grids stay small
+        down = unflatten_image(m[sl], fm[:, sl], n_axial=n_axial, bm_row=bm_row, order=1, fill=0.0)
+        up = upsample_columns(down, factor, n_ascans) if (factor != 1 or down.shape[-1] != n_ascans) else down
+        out[sl] = np.where(ins[sl], up, 0.0)
+    return out

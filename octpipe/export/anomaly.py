@@ -32,6 +32,7 @@ from octpipe.heatmap import WindowMerger, retina_mask, source_retina, to_source_
 from octpipe.models.fanogan.model import FAnoGANModel
 from octpipe.models.fanogan.score import SCORE_NAMES, calibration_percentile, score_and_reconstruct
 from octpipe.patches import extract_patches
+from octpipe.preprocess.blocks import slabs
 from octpipe.preprocess.flatten import flatten_image
 from octpipe.preprocess.resample import upsample_columns
 
@@ -220,9 +221,10 @@ def compute_anomaly(vol: VolumeInput, model: FAnoGANModel, settings: MapSettings
     layers_src, inside = source_retina(vol.layers, factor=vol.factor, n_axial=n_axial, n_ascans=n_ascans)
     residual = to_source_geometry(residual_flat, vol.flatmap, inside, bm_row=vol.bm_row, factor=vol.factor)
     score_src = to_source_geometry(score_flat, vol.flatmap, inside, bm_row=vol.bm_row, factor=vol.factor)
-    background = np.clip((vol.image + 1.0) / 2.0, 0.0, 1.0)
-    if background.shape[-1] != n_ascans:
-        background = upsample_columns(background, vol.factor, n_ascans)
+    background = np.empty(inside.shape, dtype=np.float32)
+    for sl in slabs(inside.shape):  # B-scan slabs: no full-size float64 temporaries
+        b = np.clip((vol.image[sl] + 1.0) / 2.0, 0.0, 1.0)
+        background[sl] = upsample_columns(b, vol.factor, n_ascans) if b.shape[-1] != n_ascans else b
 
     # retina fraction of each window, from the flattened retina mask
     inside_ds = retina_mask(vol.layers[0], vol.layers[1], vol.image.shape[1]).astype(np.uint8)
@@ -233,14 +235,16 @@ def compute_anomaly(vol: VolumeInput, model: FAnoGANModel, settings: MapSettings
     score_pct = None
     if calibration is not None:
         rms = float(np.sqrt(max(calibration["scores"]["A_R"]["mean"], 1e-12)))
-        residual = residual / rms
+        residual /= np.float32(rms)
         scores["A_percentile"] = calibration_percentile(scores["A"], calibration).astype(np.float32)
-        score_pct = np.where(inside, calibration_percentile(score_src, calibration), 0.0).astype(np.float32)
+        score_pct = np.zeros(inside.shape, dtype=np.float32)
+        score_pct[inside] = calibration_percentile(score_src[inside], calibration)
+    del score_src
     summary = _summary(vol, scores, window_retina, residual, inside, calibration, settings)
     return VolumeAnomaly(windows=index, window_scores=scores, window_retina=window_retina.astype(np.float32),
                          residual_flat=residual_flat, reconstruction_flat=recon_flat, score_flat=score_flat,
-                         residual=residual.astype(np.float32), score_percentile=score_pct,
-                         background=background.astype(np.float32), inside=inside, layers=layers_src,
+                         residual=residual, score_percentile=score_pct,
+                         background=background, inside=inside, layers=layers_src,
                          summary=summary)
 
 

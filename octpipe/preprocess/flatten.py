@@ -32,6 +32,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage as ndi
 
+from octpipe.preprocess.blocks import slabs
+
 __all__ = [
     "FlattenConfig",
     "flatten_geometry",
@@ -231,10 +233,12 @@ def flatten_image(
     fm = np.asarray(flatmap)
     if v.ndim != 3 or fm.shape != (2, v.shape[0], v.shape[2]):
         raise ValueError(f"volume (z, y, x) and flatmap (2, z, x) do not match: {v.shape}, {fm.shape}")
-    rows = _source_rows(fm, height, bm_row)
-    if order == 0:
-        return _sample_columns(v, rows, order=0, fill=fill).astype(v.dtype)
-    return _sample_columns(v.astype(np.float32), rows, order=1, fill=fill).astype(np.float32)
+    nz, ny, nx = v.shape
+    out = np.empty((nz, height, nx), dtype=v.dtype if order == 0 else np.float32)
+    for sl in slabs((nz, max(ny, height), nx)):  # B-scan slabs: the float64 sampling grids stay small
+        rows = _source_rows(fm[:, sl], height, bm_row)
+        out[sl] = _sample_columns(v[sl] if order == 0 else v[sl].astype(np.float32), rows, order=order, fill=fill)
+    return out
 
 
 def unflatten_image(
@@ -248,10 +252,12 @@ def unflatten_image(
         raise ValueError(f"flat (z, h, x) and flatmap (2, z, x) do not match: {f.shape}, {fm.shape}")
     ref, scale = fm
     src = np.arange(n_axial, dtype=np.float64)[None, :, None]
-    rows = bm_row + (src - ref[:, None, :]) * scale[:, None, :]
-    if order == 0:
-        return _sample_columns(f, rows, order=0, fill=fill).astype(f.dtype)
-    return _sample_columns(f.astype(np.float32), rows, order=1, fill=fill).astype(np.float32)
+    nz, height, nx = f.shape
+    out = np.empty((nz, n_axial, nx), dtype=f.dtype if order == 0 else np.float32)
+    for sl in slabs((nz, max(n_axial, height), nx)):
+        rows = bm_row + (src - ref[sl, None, :]) * scale[sl, None, :]
+        out[sl] = _sample_columns(f[sl] if order == 0 else f[sl].astype(np.float32), rows, order=order, fill=fill)
+    return out
 
 
 def flatten_rows(rows: npt.ArrayLike, flatmap: npt.ArrayLike, *, bm_row: int) -> npt.NDArray[np.float64]:

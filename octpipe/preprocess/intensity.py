@@ -19,6 +19,8 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from octpipe.preprocess.blocks import map_blocks, slabs
+
 __all__ = ["linear_to_display", "display_to_linear", "DISPLAY_TRANSFORMS"]
 
 DISPLAY_TRANSFORMS = ("log", "root4")
@@ -47,15 +49,16 @@ def linear_to_display(linear: npt.ArrayLike, *, method: Literal["log", "root4"] 
     >>> float(linear_to_display([1.0])[0]) > 0.99
     True
     """
-    x = np.asarray(linear, dtype=np.float64)
-    x = np.where(np.isfinite(x) & (x < 1e30), np.maximum(x, 0.0), 0.0)
-    if method == "log":
-        out = (np.log(x + _LOG_OFFSET) + _LOG_SHIFT) / _LOG_SCALE
-    elif method == "root4":
-        out = np.sqrt(np.sqrt(x))
-    else:
+    if method not in DISPLAY_TRANSFORMS:
         raise ValueError(f"method must be one of {DISPLAY_TRANSFORMS}, got {method!r}")
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+    def one(block: np.ndarray) -> np.ndarray:
+        x = np.asarray(block, dtype=np.float64)
+        x = np.where(np.isfinite(x) & (x < 1e30), np.maximum(x, 0.0), 0.0)
+        y = (np.log(x + _LOG_OFFSET) + _LOG_SHIFT) / _LOG_SCALE if method == "log" else np.sqrt(np.sqrt(x))
+        return np.clip(y, 0.0, 1.0)
+
+    return map_blocks(one, linear)
 
 
 def display_to_linear(display: npt.ArrayLike, *, method: Literal["log", "root4"] = "log") -> npt.NDArray[np.float32]:
@@ -67,14 +70,14 @@ def display_to_linear(display: npt.ArrayLike, *, method: Literal["log", "root4"]
     >>> bool(np.allclose(display_to_linear(linear_to_display(x)), x, rtol=1e-4))
     True
     """
-    d = np.clip(np.asarray(display, dtype=np.float64), 0.0, 1.0)
-    if method == "log":
-        out = np.maximum(np.exp(d * _LOG_SCALE - _LOG_SHIFT) - _LOG_OFFSET, 0.0)
-    elif method == "root4":
-        out = d**4
-    else:
+    if method not in DISPLAY_TRANSFORMS:
         raise ValueError(f"method must be one of {DISPLAY_TRANSFORMS}, got {method!r}")
-    return out.astype(np.float32)
+
+    def one(block: np.ndarray) -> np.ndarray:
+        d = np.clip(np.asarray(block, dtype=np.float64), 0.0, 1.0)
+        return np.maximum(np.exp(d * _LOG_SCALE - _LOG_SHIFT) - _LOG_OFFSET, 0.0) if method == "log" else d**4
+
+    return map_blocks(one, display)
 
 
 def display_full_scale(meta: dict, data: npt.NDArray[np.floating]) -> float:
@@ -128,9 +131,13 @@ def to_display(
         raise ValueError(f"domain must be 'linear' or 'display', got {domain!r}")
     if not full_scale > 0:
         raise ValueError(f"full_scale must be > 0, got {full_scale}")
-    x = np.asarray(data, dtype=np.float32)
-    x = np.where(np.isfinite(x), x, 0.0) / np.float32(full_scale)
-    return np.clip(x, 0.0, 1.0).astype(np.float32)
+    scale = np.float32(full_scale)
+
+    def one(block: np.ndarray) -> np.ndarray:
+        x = np.asarray(block, dtype=np.float32)
+        return np.clip(np.where(np.isfinite(x), x, 0.0) / scale, 0.0, 1.0)
+
+    return map_blocks(one, data)
 
 
 def normalize_volume(
@@ -167,17 +174,18 @@ def normalize_volume(
     valid = np.isfinite(x)
     if invalid is not None:
         valid &= ~np.asarray(invalid, dtype=bool)
-    values = x[valid]
-    if values.size == 0:
+    if not valid.any():
         raise ValueError("volume has no valid pixels to normalise")
-    if percentiles is None:
-        low, high = float(values.min()), float(values.max())
+    if percentiles is None:  # without copying the valid values out
+        low = float(np.min(x, where=valid, initial=np.inf))
+        high = float(np.max(x, where=valid, initial=-np.inf))
     else:
         lo_p, hi_p = percentiles
         if not 0 <= lo_p < hi_p <= 100:
             raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {percentiles}")
-        low, high = (float(v) for v in np.percentile(values, [lo_p, hi_p]))
+        low, high = (float(v) for v in np.percentile(x[valid], [lo_p, hi_p], overwrite_input=True))
     scale = high - low if high > low else 1.0
-    out = np.clip((x - low) / scale * 2.0 - 1.0, -1.0, 1.0)
-    out = np.where(valid, out, -1.0).astype(np.float32)
+    out = np.empty(x.shape, dtype=np.float32)
+    for sl in slabs(x.shape):  # small temporaries
+        out[sl] = np.where(valid[sl], np.clip((x[sl] - low) / scale * 2.0 - 1.0, -1.0, 1.0), -1.0)
     return out, (low, high)

@@ -34,6 +34,11 @@ with every parameter given in µm and converted with the volume's spacing:
 6. **QC.** Fraction of A-scans with a plausible thickness (BM − ILM within 100–1000
    µm), fraction inpainted per surface, contrast across each surface, and flags.
 
+Steps 2, 3 and 5 work on each B-scan alone, so they run on blocks of a few B-scans
+(:data:`BLOCK_PIXELS`): their temporaries stay a few tens of MiB whatever the volume's
+size, and the result is the same as for the whole volume at once. Only the outlier step
+and BM's smooth reference, on (B-scan, A-scan) surfaces, look across B-scans.
+
 :func:`choose_layers` swaps in the device's own layers (Heyex ILM/BM) when they are
 present and plausible.
 
@@ -65,12 +70,15 @@ import numpy.typing as npt
 from scipy import ndimage as ndi
 from scipy import signal
 
+from octpipe.preprocess.blocks import map_blocks, slabs
 from octpipe.preprocess.intensity import display_to_linear, linear_to_display
 
 __all__ = ["LayerParams", "LayerResult", "segment_ilm_bm", "choose_layers", "layer_qc"]
 
 Domain = Literal["linear", "sqrt", "display"]
 _DOMAINS = ("linear", "sqrt", "display")
+#: Pixels segmented together (whole B-scans, at least one): bounds the temporaries of the per-B-scan passes.
+BLOCK_PIXELS = 1 << 21
 # Parameters that must be strictly positive (the others must be >= 0, offsets any sign).
 _POSITIVE = (
     "ilm_max_slope", "bm_max_slope", "ilm_above_um", "ilm_first_edge_um", "ilm_below_to_um", "ilm_tissue_level",
@@ -429,13 +437,12 @@ def _window_mean(a: npt.NDArray[np.float32], start: int, stop: int) -> npt.NDArr
     return out[:, off:off + ny]
 
 
-def _window_max(a: npt.NDArray[np.float32], start: int, stop: int) -> npt.NDArray[np.float32]:
-    """Maximum of ``a[:, y + start : y + stop, :]`` for every row ``y`` (padded with the minimum)."""
+def _window_max(a: npt.NDArray[np.float32], start: int, stop: int, *, low: float = 0.0) -> npt.NDArray[np.float32]:
+    """Maximum of ``a[:, y + start : y + stop, :]`` for every row ``y`` (padded with ``low``, at most ``a.min()``)."""
     size = stop - start
     if size <= 0:
         raise ValueError(f"window must be non-empty, got [{start}, {stop})")
     ny = a.shape[1]
-    low = float(a.min()) if a.size else 0.0
     pad_lo, pad_hi = max(0, -start), max(0, stop)
     ap = np.pad(a, ((0, 0), (pad_lo, pad_hi), (0, 0)), constant_values=low)
     out = ndi.maximum_filter1d(ap, size=size, axis=1, mode="constant", cval=low)
@@ -569,23 +576,24 @@ def _to_domain(display: npt.NDArray[np.float32], domain: str, method: str) -> np
     return np.sqrt(lin) if domain == "sqrt" else lin
 
 
-def _fill_invalid(display: npt.NDArray[np.float32], invalid: npt.NDArray[np.bool_]) -> npt.NDArray[np.float32]:
-    """Replace invalid pixels by the nearest valid pixels of the same B-scan, median-smoothed.
+def _fill_invalid_(display: npt.NDArray[np.float32], invalid: npt.NDArray[np.bool_]) -> npt.NDArray[np.float32]:
+    """Replace, in place, invalid pixels by the nearest valid pixels of the same B-scan, median-smoothed.
 
     The nearest pixel alone would copy speckle and the JPEG fringe of an export's fill
     boundary into the fill as bright streaks, which read as edges; a 9x9 median of the
     nearest-pixel fill keeps the level and drops them.
     """
-    out = display.copy()
     for z in range(display.shape[0]):
         bad = invalid[z]
-        if not bad.any() or bad.all():
+        if not bad.any():
+            continue
+        if bad.all():
+            display[z] = 0.0
             continue
         idx = ndi.distance_transform_edt(bad, return_distances=False, return_indices=True)
-        near = display[z][idx[0], idx[1]]
-        out[z] = np.where(bad, ndi.median_filter(near, size=9, mode="nearest"), display[z])
-    out[np.broadcast_to(invalid.all(axis=(1, 2))[:, None, None], out.shape)] = 0.0
-    return out
+        near = display[z][idx[0], idx[1]]  # valid pixels only, which the fill leaves as they are
+        display[z] = np.where(bad, ndi.median_filter(near, size=9, mode="nearest"), display[z])
+    return display
 
 
 def _levels(s: npt.NDArray[np.float32], valid: npt.NDArray[np.bool_]) -> tuple[np.ndarray, np.ndarray]:
@@ -672,26 +680,29 @@ def _prepare(display: npt.ArrayLike, spacing_mm: tuple[float, float, float], inv
     if ny < geo.ax(p.min_thickness_um) + 8:
         raise ValueError(f"volume shape {arr.shape} is too small: the axial field of {ny} px x {geo.dy_um:.2f} µm "
                          f"cannot hold a retina of at least {p.min_thickness_um} µm")
-    data = arr.astype(np.float32, copy=False)
-    bad = ~np.isfinite(data) | (np.abs(data) >= 1e30)  # NaN/inf, FLT_MAX fill values
+    bad = np.empty(arr.shape, dtype=bool)
+    for z in range(nz):  # NaN/inf, FLT_MAX fill values (per B-scan: no full-size float temporaries)
+        data = arr[z].astype(np.float32, copy=False)
+        bad[z] = ~np.isfinite(data) | (np.abs(data) >= 1e30)
     if invalid is not None:
         inv = np.asarray(invalid)
         if inv.shape != arr.shape:
             raise ValueError(f"invalid must have the volume's shape {arr.shape}, got {inv.shape}")
-        bad = bad | inv.astype(bool)
+        bad |= inv.astype(bool, copy=False)
     if bad.all():
         raise ValueError("volume has no valid pixel (all NaN, infinite or marked invalid)")
-    x = np.where(bad, np.float32(0.0), data)
+    x = np.where(bad, np.float32(0.0), arr.astype(np.float32, copy=False))
     if domain == "linear":
         if x.min() < 0:
             raise ValueError(f"linear reflectivity must be >= 0, got minimum {float(x.min())}")
-        x = linear_to_display(x, method=p.display_method)
+        map_blocks(lambda b: linear_to_display(b, method=p.display_method), x, out=x)
     else:
-        lo_v, hi_v = float(x[~bad].min()), float(x[~bad].max())
+        lo_v = float(np.min(x, where=~bad, initial=np.inf))
+        hi_v = float(np.max(x, where=~bad, initial=-np.inf))
         if lo_v < -1e-6 or hi_v > 1.0 + 1e-6:
             raise ValueError(f"display data must lie in [0, 1], got [{lo_v:.4g}, {hi_v:.4g}]; map it first "
                              "(octpipe.preprocess.intensity.to_display) or pass domain='linear'")
-        x = np.clip(x, 0.0, 1.0)
+        np.clip(x, 0.0, 1.0, out=x)
     # rows or A-scans that are exactly 0 in a B-scan with data are empty margins
     # (Spectralis leaves a few blank rows at the top), not dark tissue
     empty = (x <= 0.0) | bad
@@ -699,8 +710,14 @@ def _prepare(display: npt.ArrayLike, spacing_mm: tuple[float, float, float], inv
     blank_rows = empty.all(axis=2, keepdims=True) if nx >= 16 else np.zeros((nz, ny, 1), dtype=bool)
     bad = bad | ((blank_rows | empty.all(axis=1, keepdims=True)) & has_data)
     if bad.any():
-        x = _fill_invalid(x, bad)
-    return x, ~bad, geo
+        _fill_invalid_(x, bad)
+    np.logical_not(bad, out=bad)
+    return x, bad, geo
+
+
+def _bscan_blocks(geo: _Geometry) -> list[slice]:
+    """Consecutive B-scans of about :data:`BLOCK_PIXELS` pixels in all (at least one B-scan each)."""
+    return list(slabs((geo.nz, geo.ny, geo.nx), BLOCK_PIXELS))
 
 
 def _first_pass_ilm(x: npt.NDArray[np.float32], valid: npt.NDArray[np.bool_], geo: _Geometry,
@@ -737,10 +754,10 @@ def _first_pass_ilm(x: npt.NDArray[np.float32], valid: npt.NDArray[np.bool_], ge
     return ilm.astype(np.float64), lo, hi
 
 
-def _first_pass_bm(x: npt.NDArray[np.float32], ilm: npt.NDArray[np.float64], lo: np.ndarray,
-                   empty_cols: npt.NDArray[np.bool_], geo: _Geometry, p: LayerParams) -> npt.NDArray[np.float64]:
-    """Integer BM rows: RPE-complex edge (a), smooth reference that ignores lifts, banded search (b)."""
-    ny = geo.ny
+def _bm_edge(x: npt.NDArray[np.float32], ilm: npt.NDArray[np.float64], geo: _Geometry, p: LayerParams
+             ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_], npt.NDArray[np.float32]]:
+    """The BM-smoothed image, the search region under the ILM and the normalised bright→dark edge."""
+    ny = x.shape[1]
     sb = ndi.gaussian_filter(x, sigma=(0.0, geo.ax(p.bm_sigma_axial_um), geo.lat(p.sigma_lateral_um)),
                              mode="nearest")
     rows = np.arange(ny)[None, :, None]
@@ -748,8 +765,13 @@ def _first_pass_bm(x: npt.NDArray[np.float32], ilm: npt.NDArray[np.float64], lo:
     region = (rows >= top) & (rows <= ilm[:, None, :] + round(geo.ax(p.max_thickness_um)))
     gn = np.clip(-np.gradient(sb, axis=1), 0.0, None)
     edge = np.minimum(gn / _column_scale(gn, region), 1.0)
-    del gn
-    # (a) brightness of the band above a candidate, relative to the brightest of the outer retina
+    return sb, region, edge
+
+
+def _bm_rpe_pass(x: npt.NDArray[np.float32], ilm: npt.NDArray[np.float64], lo: np.ndarray, geo: _Geometry,
+                 p: LayerParams) -> npt.NDArray[np.float64]:
+    """BM pass (a): integer rows of the RPE-complex edge under a band nearly as bright as the outer retina."""
+    sb, region, edge = _bm_edge(x, ilm, geo, p)
     ref = np.where(region, sb, -np.inf).max(axis=1, keepdims=True)
     ref = ndi.median_filter(ref, size=(1, 1, _odd(geo.lat(p.outlier_window_lateral_um))), mode="nearest")
     ref = np.maximum(ref, lo + 1e-3)
@@ -758,13 +780,31 @@ def _first_pass_bm(x: npt.NDArray[np.float32], ilm: npt.NDArray[np.float64], lo:
     gate = np.clip((rel - p.bm_gate_low) / (p.bm_gate_high - p.bm_gate_low), 0.0, 1.0)
     del rel, sb
     q = np.where(region, edge * gate, 0.0).astype(np.float32)
-    del gate
+    del gate, edge
     deeper = _window_max(q, n_up, max(n_up + 1, round(geo.ax(p.bm_below_um))))
     cost = np.where(region, -q + np.float32(p.bm_deeper_weight) * deeper, np.float32(2.0)).astype(np.float32)
     del q, deeper, region
-    jump, lam = geo.jump(p.bm_max_slope), geo.jump_cost(p.bm_slope_cost)
-    bm_a = _dp_path(cost, jump, lam).astype(np.float64)
-    del cost
+    return _dp_path(cost, geo.jump(p.bm_max_slope), geo.jump_cost(p.bm_slope_cost)).astype(np.float64)
+
+
+def _bm_band_pass(x: npt.NDArray[np.float32], ilm: npt.NDArray[np.float64], reference: npt.NDArray[np.float64],
+                  geo: _Geometry, p: LayerParams) -> npt.NDArray[np.float64]:
+    """BM pass (b): integer rows of the strongest bright→dark edge in a band around the smooth reference."""
+    ny = x.shape[1]
+    edge = _bm_edge(x, ilm, geo, p)[2]
+    half = max(2, round(geo.ax(p.bm_search_um)))
+    start = np.clip(np.round(reference).astype(np.intp), 0, ny - 1) - half
+    band = np.take_along_axis(edge, np.clip(start[:, None, :] + np.arange(2 * half + 1)[None, :, None], 0, ny - 1),
+                              axis=1)
+    path = _dp_path(-band, geo.jump(p.bm_max_slope), geo.jump_cost(p.bm_slope_cost), centre=start)
+    return (start + path).astype(np.float64)
+
+
+def _first_pass_bm(x: npt.NDArray[np.float32], ilm: npt.NDArray[np.float64], lo: np.ndarray,
+                   empty_cols: npt.NDArray[np.bool_], geo: _Geometry, p: LayerParams,
+                   blocks: list[slice]) -> npt.NDArray[np.float64]:
+    """Integer BM rows: RPE-complex edge (a), smooth reference that ignores lifts, banded search (b)."""
+    bm_a = np.concatenate([_bm_rpe_pass(x[b], ilm[b], lo[b], geo, p) for b in blocks])
     # (b) smooth reference under the lifted stretches, then the strongest edge near it
     bm_a, _ = _reject_outliers(bm_a, empty_cols, size=(geo.kz(p.bm_outlier_window_z_um),
                                                        _odd(geo.lat(p.outlier_window_lateral_um))),
@@ -773,20 +813,21 @@ def _first_pass_bm(x: npt.NDArray[np.float32], ilm: npt.NDArray[np.float64], lo:
                                 sigma_px=geo.lat(p.bm_reference_sigma_um), tol_px=geo.ax(p.bm_reference_tolerance_um))
     if not np.isfinite(reference).all():
         return bm_a
-    half = max(2, round(geo.ax(p.bm_search_um)))
-    start = np.clip(np.round(reference).astype(np.intp), 0, ny - 1) - half
-    band = np.take_along_axis(edge, np.clip(start[:, None, :] + np.arange(2 * half + 1)[None, :, None], 0, ny - 1),
-                              axis=1)
-    path = _dp_path(-band, jump, lam, centre=start)
-    return (start + path).astype(np.float64)
+    return np.concatenate([_bm_band_pass(x[b], ilm[b], reference[b], geo, p) for b in blocks])
 
 
-def _refine(x: npt.NDArray[np.float32], surf: npt.NDArray[np.float64], *, sign: float, domain: str,
-            band_um: float, offset_um: float, max_slope: float, slope_cost: float, first_edge_weight: float,
-            geo: _Geometry, p: LayerParams) -> npt.NDArray[np.float64]:
-    """Sub-pixel rows of the edge (``sign`` +1 dark→bright, -1 bright→dark) in a band around ``surf``."""
+def _refine(x: npt.NDArray[np.float32], surf: npt.NDArray[np.float64], blocks: list[slice], **kw: Any
+            ) -> npt.NDArray[np.float64]:
+    """Sub-pixel rows of the edge in a band around ``surf`` (:func:`_refine_block`, block by block)."""
     if not np.isfinite(surf).all():
         return surf
+    return np.concatenate([_refine_block(x[b], surf[b], **kw) for b in blocks])
+
+
+def _refine_block(x: npt.NDArray[np.float32], surf: npt.NDArray[np.float64], *, sign: float, domain: str,
+                  band_um: float, offset_um: float, max_slope: float, slope_cost: float, first_edge_weight: float,
+                  geo: _Geometry, p: LayerParams) -> npt.NDArray[np.float64]:
+    """Sub-pixel rows of the edge (``sign`` +1 dark→bright, -1 bright→dark) in a band around ``surf``."""
     ny = geo.ny
     img = ndi.gaussian_filter(_to_domain(x, domain, p.display_method),
                               sigma=(0.0, geo.ax(p.refine_sigma_axial_um), 0.0), mode="nearest")
@@ -865,18 +906,21 @@ def segment_ilm_bm(
     x, valid, geo = _prepare(display, spacing_mm, invalid, domain, p)
     empty_cols = valid.sum(axis=1) < 0.5 * geo.ny  # (nz, nx): A-scans without data
 
-    ilm0, lo, _ = _first_pass_ilm(x, valid, geo, p)
-    bm0 = _first_pass_bm(x, ilm0, lo, empty_cols, geo, p)
+    blocks = _bscan_blocks(geo)
+    firsts = [_first_pass_ilm(x[b], valid[b], geo, p) for b in blocks]
+    ilm0, lo = np.concatenate([f[0] for f in firsts]), np.concatenate([f[1] for f in firsts])
+    del firsts
+    bm0 = _first_pass_bm(x, ilm0, lo, empty_cols, geo, p, blocks)
 
     kx = _odd(geo.lat(p.outlier_window_lateral_um))
     size_ilm, size_bm = (geo.kz(p.ilm_outlier_window_z_um), kx), (geo.kz(p.bm_outlier_window_z_um), kx)
     ilm1, ilm_bad = _reject_outliers(ilm0, empty_cols, size=size_ilm, threshold_px=geo.ax(p.outlier_um))
     bm1, bm_bad = _reject_outliers(bm0, empty_cols, size=size_bm, threshold_px=geo.ax(p.outlier_um))
 
-    ilm2 = _refine(x, ilm1, sign=1.0, domain=p.ilm_domain, band_um=p.ilm_band_um, offset_um=p.ilm_offset_um,
+    ilm2 = _refine(x, ilm1, blocks, sign=1.0, domain=p.ilm_domain, band_um=p.ilm_band_um, offset_um=p.ilm_offset_um,
                    max_slope=p.ilm_max_slope, slope_cost=p.ilm_slope_cost,
                    first_edge_weight=p.ilm_refine_first_edge_weight, geo=geo, p=p)
-    bm2 = _refine(x, bm1, sign=-1.0, domain=p.bm_domain, band_um=p.bm_band_um, offset_um=p.bm_offset_um,
+    bm2 = _refine(x, bm1, blocks, sign=-1.0, domain=p.bm_domain, band_um=p.bm_band_um, offset_um=p.bm_offset_um,
                   max_slope=p.bm_max_slope, slope_cost=p.bm_slope_cost, first_edge_weight=0.0, geo=geo, p=p)
     ilm3, ilm_bad2 = _reject_outliers(ilm2, empty_cols, size=size_ilm, threshold_px=geo.ax(p.refine_outlier_um))
     bm3, bm_bad2 = _reject_outliers(bm2, empty_cols, size=size_bm, threshold_px=geo.ax(p.refine_outlier_um))

@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from octpipe.preprocess.blocks import slabs
+
 __all__ = [
     "lateral_factor",
     "downsample_columns",
@@ -74,6 +76,18 @@ def downsample_columns(
     [[2.0, 6.0, 9.0]]
     """
     x = np.asarray(volume)
+    inv = None if invalid is None else np.asarray(invalid, dtype=bool)
+    if x.ndim < 2:
+        return _downsample(x, factor, inv)
+    full, rest = _blocks(x.shape[-1], factor)
+    out = np.empty((*x.shape[:-1], full + bool(rest)), dtype=np.float32)
+    for sl in slabs(x.shape):  # B-scan slabs: the float64 temporaries stay small
+        out[sl] = _downsample(x[sl], factor, None if inv is None else inv[sl])
+    return out
+
+
+def _downsample(x: np.ndarray, factor: int, invalid: np.ndarray | None) -> npt.NDArray[np.float32]:
+    """:func:`downsample_columns` of one slab."""
     n = x.shape[-1]
     full, rest = _blocks(n, factor)
     if invalid is None and (x.dtype.kind in "iub" or np.isfinite(x).all()):

@@ -31,7 +31,8 @@ One case (:func:`run_case`)
     readers imported, so every case starts from the same state, a hang can be killed and
     memory can be measured per case:
 
-    - **hang**: no result within the command's time limit (:data:`TIMEOUT_S`).
+    - **hang**: no result within the command's time limit (:func:`time_limit`: a fixed part
+      plus a part per MiB of input).
     - **memory**: the child's peak resident memory *growth* exceeds
       ``2 * input_bytes + ALLOWANCE_BYTES[command]``. The peak is the kernel's VmHWM after
       resetting it at the child's start (``/proc/self/clear_refs``; ``ru_maxrss`` where
@@ -82,7 +83,8 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
-    "MUTATIONS", "COMMANDS", "OUTCOMES", "BAD_OUTCOMES", "DEGENERATE_MUTATIONS", "TIMEOUT_S", "ALLOWANCE_BYTES",
+    "MUTATIONS", "COMMANDS", "OUTCOMES", "BAD_OUTCOMES", "DEGENERATE_MUTATIONS", "TIMEOUT_S", "TIMEOUT_S_PER_MIB",
+    "ALLOWANCE_BYTES", "time_limit",
     "REDUCE_PX", "BIG_VOLUME_FRAMES", "BIG_VOLUME_EVERY", "DEFAULT_MODEL", "ChainSource", "chain_sources",
     "chain_cases", "case_pixels", "write_case", "run_case", "command_argv", "memory_budget", "crop_rows", "crop_cols",
     "rotate_90", "rotate_small", "pad_border", "saturate", "jpeg_artefacts", "blank_frame", "insert_non_finite",
@@ -94,8 +96,11 @@ COMMANDS = ("layers", "ingest", "patches", "export")
 #: Every outcome of :func:`run_case`; :data:`BAD_OUTCOMES` are bugs.
 OUTCOMES = ("ok", "error", "traceback", "hang", "memory", "crash", "bad_exit")
 BAD_OUTCOMES = ("traceback", "hang", "memory", "crash", "bad_exit")
-#: Seconds a command may take before its case counts as a hang (generous: a loaded 2-core machine).
+#: Seconds a command may take before its case counts as a hang: this much plus
+#: :data:`TIMEOUT_S_PER_MIB` per MiB of input (generous, for a loaded 2-core machine: a
+#: 49-B-scan 496x768 volume, 71 MiB as float32, takes layers about 55 s and export about 50 s).
 TIMEOUT_S = {"layers": 120.0, "ingest": 120.0, "patches": 60.0, "export": 240.0}
+TIMEOUT_S_PER_MIB = {"layers": 4.0, "ingest": 4.0, "patches": 1.0, "export": 6.0}
 #: Fixed part of the memory budget, bytes (see the module notes).
 ALLOWANCE_BYTES = {"layers": 256 << 20, "ingest": 320 << 20, "patches": 192 << 20, "export": 768 << 20}
 #: Longest side of a shrunk source B-scan, pixels.
@@ -110,16 +115,18 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "fanogan-phanto
 DEGENERATE_MUTATIONS = ("constant", "tiny", "one_row", "crop_rows")
 
 _ERROR_LINE = re.compile(r"^\s*(error: |failed: |failed \S)")
-#: Imported once by the forkserver, so that each case's child starts warm. pydantic is left out on
-#: purpose: a package reinstalled into the venv during a long run must not meet its stale half.
+#: Imported once by the forkserver, so that each case's child starts warm (pydantic, which typer
+#: imports on first use, alone costs a child 0.3 s). A package reinstalled into the venv during a
+#: long run then meets its stale half in the children (ImportError tracebacks): the benchmark
+#: records such changes.
 _PRELOAD = ["octpipe.cli", "octpipe.io", "octpipe.io.images", "octpipe.io.nifti", "octpipe.io.heyex_vol",
             "octpipe.io.heyex_e2e", "octpipe.io.dicom", "octpipe.pipeline", "octpipe.manifest",
             "octpipe.preprocess.prepare", "octpipe.preprocess.layers", "octpipe.preprocess.scale", "octpipe.patches",
             "octpipe.store", "octpipe.export.run", "octpipe.export.anomaly", "octpipe.export.dicom",
             "octpipe.export.report", "torch", "nibabel", "tifffile", "PIL.Image", "PIL.PngImagePlugin",
             "PIL.JpegImagePlugin", "PIL.TiffImagePlugin", "PIL.BmpImagePlugin", "scipy.ndimage", "scipy.sparse",
-            "scipy.optimize", "zarr", "matplotlib", "matplotlib.pyplot", "pydicom", "highdicom",
-            "octpipe.testing.chain_fuzz"]
+            "scipy.optimize", "zarr", "matplotlib", "matplotlib.pyplot", "pydicom", "highdicom", "pydantic",
+            "typer.rich_utils", "octpipe.testing.chain_fuzz"]
 
 
 # --------------------------------------------------------------------------- mutations
@@ -771,6 +778,11 @@ def memory_budget(command: str, input_bytes: int) -> int:
     return 2 * int(input_bytes) + ALLOWANCE_BYTES[command]
 
 
+def time_limit(command: str, input_bytes: int) -> float:
+    """Seconds ``command`` may run on ``input_bytes`` before the case counts as a hang."""
+    return TIMEOUT_S[command] + TIMEOUT_S_PER_MIB[command] * input_bytes / 2**20
+
+
 def command_argv(command: str, source: Path, out: Path, *, model: str | Path = DEFAULT_MODEL) -> list[str]:
     """The ``octpipe`` arguments of ``command`` for the input ``source``, writing under ``out``."""
     if command == "layers":
@@ -953,7 +965,7 @@ def run_case(case: dict[str, Any], workdir: str | Path, command: str, *, model: 
     model : path
         Model folder for ``export``.
     timeout_s : float, optional
-        Time limit (default :data:`TIMEOUT_S`).
+        Time limit (default :func:`time_limit`).
     keep : bool
         Keep ``workdir`` afterwards (false: remove it, unless a ``patches`` case follows).
 
@@ -965,8 +977,9 @@ def run_case(case: dict[str, Any], workdir: str | Path, command: str, *, model: 
         (one of :data:`OUTCOMES`, or ``not_run``), ``stderr_line`` (the error line, else the
         first stderr line), ``stderr_first`` (the first stderr line), ``traceback`` (bool),
         ``seconds``, ``peak_memory_bytes`` (growth), ``budget_bytes``, ``input_bytes``,
-        ``memory_method``, ``qc_flags`` (for ``ok``), ``unflagged`` and, on a bad outcome,
-        ``detail`` (the end of the output).
+        ``memory_method``, ``time_limit_s``, ``finding`` (what went wrong, in one line: the
+        error line, or the memory, time or signal that decided), ``qc_flags`` (for ``ok``),
+        ``unflagged`` and, on a bad outcome, ``detail`` (the end of the output).
     """
     if command not in COMMANDS:
         raise ValueError(f"command must be one of {', '.join(COMMANDS)}, got {command!r}")
@@ -1002,16 +1015,28 @@ def run_case(case: dict[str, Any], workdir: str | Path, command: str, *, model: 
                           unflagged=False)
             return record
     argv = command_argv(command, source, out, model=model)
-    raw = _run_child(argv, timeout_s=timeout_s or TIMEOUT_S[command], kill_bytes=4 * record["budget_bytes"])
+    limit = timeout_s or time_limit(command, input_bytes)
+    raw = _run_child(argv, timeout_s=limit, kill_bytes=4 * record["budget_bytes"])
     kind, line, tb = _classify(raw)
     peak = raw.get("peak_growth_bytes")
+    finding = ""
     if kind in ("ok", "error") and peak is not None and peak > record["budget_bytes"]:
         kind = "memory"
+    if kind == "memory":
+        mib = 2**20
+        budget = record["budget_bytes"]
+        seen = f"{peak / mib:.0f} MiB" if peak is not None else f"over {4 * budget / mib:.0f} MiB (killed)"
+        finding = (f"peak memory growth {seen} > budget {budget / mib:.0f} MiB (2 x input {input_bytes / mib:.1f} "
+                   f"MiB + allowance {ALLOWANCE_BYTES[command] / mib:.0f} MiB)")
+    elif kind == "hang":
+        finding = f"no result within {limit:.0f} s"
+    elif kind == "crash":
+        finding = raw.get("killed", "the child died")
     first = next((ln.strip() for ln in raw.get("stderr", "").splitlines() if ln.strip()), "")[:400]
     record.update(argv=[a.replace(str(work), "<case>") for a in argv], exit_code=raw.get("exit_code"),
                   outcome=kind, stderr_line=line, stderr_first=first, traceback=tb,
                   seconds=round(float(raw["seconds"]), 3), peak_memory_bytes=peak,
-                  memory_method=raw.get("memory_method"))
+                  memory_method=raw.get("memory_method"), time_limit_s=round(limit, 1), finding=finding or line)
     record["qc_flags"] = _qc_flags(command, out) if kind == "ok" else None
     record["unflagged"] = (kind == "ok" and case["mutation"] in DEGENERATE_MUTATIONS and command != "patches"
                            and record["qc_flags"] == [])

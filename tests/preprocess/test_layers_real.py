@@ -26,7 +26,10 @@ ITEMS = list(real_bscans(DATA)) if DATA is not None else []
 #: QC flags that real pathology earns (a huge detachment, a schisis cavity, an atrophic or
 #: lifted RPE): ``benchmarks/layers_real.py`` lists every flagged B-scan; a reader agrees with
 #: each. ``no_retina`` is never one of them: the retina is found on every real B-scan.
-AGREED_FLAGS = {"bm_low_contrast", "thickness_out_of_range", "ilm_inpainted", "bm_inpainted"}
+#: The ``*_at_border`` flags where the retina leaves the image: the circle scan valid.vol (cupped disc,
+#: wrap-around artefacts in the top rows), cropped exports whose BM runs out at the bottom (OCTDL DME)
+AGREED_FLAGS = {"bm_low_contrast", "thickness_out_of_range", "ilm_inpainted", "bm_inpainted", "ilm_at_border",
+                "bm_at_border"}
 #: At most this share of a source's B-scans may carry such flags (measured: at most 10 %, OCTDL val DME and ERM).
 MAX_FLAGGED_FRACTION = 0.12
 
