@@ -13,6 +13,7 @@ from octpipe.cli import main
 from octpipe.errors import OctpipeError
 from octpipe.models.fanogan.checkpoint import FAnoGANModel, RunPaths, build_networks, load_run
 from octpipe.models.fanogan.config import FAnoGANConfig
+from octpipe.models.fanogan.inference import prepare_model
 from octpipe.models.fanogan.losses import anomaly_scores, latent_distances
 from octpipe.models.fanogan.score import (
     CSV_COLUMNS,
@@ -65,26 +66,35 @@ def tiny_model(kappa: float = 0.5, seed: int = 0) -> FAnoGANModel:
     return FAnoGANModel(g, d, e, cfg).eval()
 
 
+def hand_scores(model: FAnoGANModel, x: torch.Tensor, batch_size: int) -> dict[str, np.ndarray]:
+    """The four scores by hand with ``model``'s networks, on the batches the scoring code forms."""
+    g, d, e = model.generator, model.discriminator, model.encoder
+    parts = []
+    with torch.no_grad():
+        for xb in same_batches(x, batch_size):
+            z = e(xb)
+            x_rec = g(z)
+            f_x, f_rec = d.features(torch.cat([xb, x_rec])).split(len(xb))
+            sc = anomaly_scores(xb, x_rec, f_x, f_rec, kappa=model.kappa)
+            parts.append(torch.stack([sc.residual, sc.feature, sc.total, latent_distances(z, e(x_rec))]))
+    return dict(zip(SCORE_NAMES, torch.cat(parts, 1).numpy(), strict=True))
+
+
 def test_every_patch_is_scored_and_equals_the_hand_computation():
     model = tiny_model(kappa=0.5)
     x = torch.rand(10, 1, 32, 32) * 2 - 1
     s = score_patches(model, x, batch_size=4, device="cpu", precision="fp32")  # batches of 4, 4 and a partial 2
     assert set(s) == set(SCORE_NAMES) and all(v.shape == (10,) and v.dtype == np.float32 for v in s.values())
-    g, d, e = model.generator, model.discriminator, model.encoder
     # the hand computation on the same batches as the code (4, 4, 2; channels_last; D sees x and G(E(x))
-    # of a batch together), so that the same kernels run
-    parts = []
-    with torch.no_grad():
-        for xb in same_batches(x, 4):
-            z = e(xb)
-            x_rec = g(z)
-            f_x, f_rec = d.features(torch.cat([xb, x_rec])).split(len(xb))
-            sc = anomaly_scores(xb, x_rec, f_x, f_rec, kappa=0.5)
-            parts.append(torch.stack([sc.residual, sc.feature, sc.total, latent_distances(z, e(x_rec))]))
-    ref = dict(zip(("A_R", "A_D", "A", "z_distance"), torch.cat(parts, 1).numpy(), strict=True))
+    # of a batch together) with the networks the code runs (the inference copies by default, the trained
+    # networks with fast=False), so that the same kernels run; tests/models/test_fanogan_inference.py
+    # checks that the two agree
+    naive = score_patches(model, x, batch_size=4, device="cpu", precision="fp32", fast=False)
     # each score is a mean of non-negative squares: summation order alone moves it by < 1e-6 relative
-    for name in SCORE_NAMES:
-        np.testing.assert_allclose(s[name], ref[name], rtol=1e-5, atol=0, err_msg=name)
+    for scores, nets in ((s, prepare_model(model)), (naive, model)):
+        ref = hand_scores(nets, x, 4)
+        for name in SCORE_NAMES:
+            np.testing.assert_allclose(scores[name], ref[name], rtol=1e-5, atol=0, err_msg=name)
     np.testing.assert_allclose(s["A"], s["A_R"] + 0.5 * s["A_D"], rtol=4 * EPS32)
     # streamed blocks of any size and (N, H, W) numpy input give the same scores (the same batches)
     blocks = [x[:3, 0].numpy(), x[3:10, 0].numpy()]
@@ -104,15 +114,17 @@ def test_every_patch_is_scored_and_equals_the_hand_computation():
 def test_pixel_residual_is_the_absolute_reconstruction_error():
     model = tiny_model()
     x = torch.rand(5, 1, 32, 32) * 2 - 1
-    r = pixel_residual(model, x, batch_size=2, device="cpu", precision="fp32")
-    # |x - G(E(x))| by hand on the same batches (2, 2, 1; channels_last): with other batches other conv
-    # kernels run and G(E(x)) moves by up to ~40 eps (1.3e-6 seen on an AVX2-only EPYC against batch 5)
-    with torch.no_grad():
-        ref = torch.cat([(xb - model.generator(model.encoder(xb))).abs() for xb in same_batches(x, 2)]).numpy()
-    assert r.shape == (5, 1, 32, 32) and r.dtype == np.float32
-    # values in [0, 2]: a few ulps of 2; a squared or signed residual is off by ~0.1 on most pixels
-    np.testing.assert_allclose(r, ref, rtol=0, atol=8 * EPS32)
-    assert (r >= 0).all()
+    # |x - G(E(x))| by hand on the same batches (2, 2, 1; channels_last) with the networks the code runs
+    # (inference copies by default, the trained networks with fast=False): with other batches or networks
+    # other conv kernels run and G(E(x)) moves by up to ~40 eps (1.3e-6 seen on an AVX2-only EPYC)
+    for fast, nets in ((True, prepare_model(model)), (False, model)):
+        r = pixel_residual(model, x, batch_size=2, device="cpu", precision="fp32", fast=fast)
+        with torch.no_grad():
+            ref = torch.cat([(xb - nets.generator(nets.encoder(xb))).abs() for xb in same_batches(x, 2)]).numpy()
+        assert r.shape == (5, 1, 32, 32) and r.dtype == np.float32
+        # values in [0, 2]: a few ulps of 2; a squared or signed residual is off by ~0.1 on most pixels
+        np.testing.assert_allclose(r, ref, rtol=0, atol=8 * EPS32, err_msg=f"fast={fast}")
+        assert (r >= 0).all()
 
 
 def test_scoring_needs_an_encoder():

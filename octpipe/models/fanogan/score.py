@@ -12,12 +12,15 @@ the last partial batch is kept. ``pixel_residual`` returns the paper's ``|x − 
 which the official code never produces.
 
 Inference runs under ``torch.inference_mode`` with every network in eval mode (BatchNorm uses
-its moving averages) and channels_last tensors. The default precision (``auto``) is bfloat16
-autocast with TF32 on CUDA, and bfloat16 autocast on CPUs with native bfloat16 instructions
-(AVX-512 BF16 or AMX), else float32. On the development CPU, bf16 scored 3.7x more patches per
-second than naive fp32 and changed the image-level AUC by 0.0004
-(``benchmarks/results/fanogan.json``). Scores are always computed from float32 copies of the
-network outputs.
+its moving averages) and channels_last tensors. By default (``fast=True``) the scores are
+computed by inference copies of the networks (:func:`~octpipe.models.fanogan.inference.prepare_model`:
+BatchNorm folded, resampling convolutions as strided kernels; the same function with about 2/3 of
+the multiply-adds), made per call; the trained model is left as it is. ``fast=False`` runs the
+trained networks themselves. The critic sees x and G(E(x)) as one batch. The default precision
+(``auto``) is bfloat16 autocast with TF32 on CUDA, and bfloat16 autocast on CPUs with native
+bfloat16 instructions (AVX-512 BF16 or AMX), else float32. The speed of each path against a naive
+fp32 run, natively and on an AVX2-only CPU, is in ``benchmarks/results/fanogan.json``. Scores are
+always computed from float32 copies of the network outputs.
 
 Held-out normal scores are summarised by :func:`calibrate` (``RUN/calibration.json``), and
 :func:`calibration_percentile` expresses new scores as percentiles of them.
@@ -43,6 +46,7 @@ import torch
 
 from octpipe.errors import ConfigError, OctpipeError
 from octpipe.models.fanogan.checkpoint import FAnoGANModel, load_run, provenance, write_text_atomic
+from octpipe.models.fanogan.inference import prepare_model
 from octpipe.models.fanogan.losses import anomaly_scores, latent_distances
 from octpipe.store import check_patch_size, open_patch_split
 
@@ -243,17 +247,26 @@ def _require_encoder(model: FAnoGANModel) -> None:
 
 
 def _setup(model: FAnoGANModel, device: str | torch.device | None, precision: str,
-           channels_last: bool | str) -> tuple[torch.device, str, torch.memory_format]:
+           channels_last: bool | str, fast: bool = True
+           ) -> tuple[FAnoGANModel, torch.device, str, torch.memory_format]:
+    """The model to run, its device, the resolved precision and the memory format.
+
+    ``fast``: an inference copy (:func:`~octpipe.models.fanogan.inference.prepare_model`) on the
+    device; ``model`` is not modified. Otherwise ``model`` itself, moved to the device, in eval
+    mode and in the memory format.
+    """
     _require_encoder(model)
     dev = resolve_device(device) if device is not None else next(model.generator.parameters()).device
     prec = resolve_precision(precision, dev, training=False)
     if channels_last == "auto":
         channels_last = True  # faster on CPU as well (benchmarks/results/fanogan.json)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if fast:
+        return prepare_model(model, device=dev, memory_format=fmt), dev, prec, fmt
     model.to(dev).eval()
     for net in (model.generator, model.discriminator, model.encoder):
         net.to(memory_format=fmt)  # type: ignore[union-attr]
-    return dev, prec, fmt
+    return model, dev, prec, fmt
 
 
 def _to_device(batch: torch.Tensor, dev: torch.device, fmt: torch.memory_format) -> torch.Tensor:
@@ -292,6 +305,7 @@ def score_patches(
     device: str | torch.device | None = None,
     precision: str = "auto",
     channels_last: bool | str = "auto",
+    fast: bool = True,
 ) -> dict[str, npt.NDArray[np.float32]]:
     """Anomaly scores of patches: A_R, A_D, A = A_R + κ·A_D and z_distance.
 
@@ -299,7 +313,8 @@ def score_patches(
     ----------
     model : FAnoGANModel
         A trained model with an encoder (:func:`~octpipe.models.fanogan.checkpoint.load_run`).
-        It is moved to ``device`` and put in eval mode.
+        With ``fast`` it is not modified; without, it is moved to ``device``, put in eval mode
+        and into the memory format.
     x : array, tensor or iterable of them
         Patches, shape ``(N, C, H, W)`` (or ``(N, H, W)`` for one channel), values in [-1, 1];
         an iterable of such blocks is streamed and re-batched.
@@ -308,9 +323,14 @@ def score_patches(
     device : str, torch.device or None
         ``'auto'``, ``'cpu'``, ``'cuda'``; None keeps the model's current device.
     precision : {'auto', 'fp32', 'tf32', 'bf16'}, default 'auto'
-        ``auto``: bfloat16 autocast on CUDA, float32 on CPU.
+        ``auto``: bfloat16 autocast on CUDA and on CPUs with native bfloat16, else float32
+        (:func:`resolve_precision`).
     channels_last : bool or 'auto', default 'auto'
         ``auto`` = channels_last (faster on CPU and CUDA); False = NCHW.
+    fast : bool, default True
+        Score with inference copies of the networks (module docstring): the same scores up to
+        float32 rounding (< 1e-5 relative seen), fewer multiply-adds. False runs the trained
+        networks themselves.
 
     Returns
     -------
@@ -334,11 +354,11 @@ def score_patches(
     >>> s["A"].shape
     (10,)
     """
-    dev, prec, fmt = _setup(model, device, precision, channels_last)
+    run, dev, prec, fmt = _setup(model, device, precision, channels_last, fast)
     out: list[torch.Tensor] = []
     with torch.inference_mode():
         for batch in _rebatch(x, batch_size, model.config.model.channels):
-            out.append(_score_batch(model, _to_device(batch, dev, fmt), prec, dev)[0].cpu())
+            out.append(_score_batch(run, _to_device(batch, dev, fmt), prec, dev)[0].cpu())
     return _score_dict(out)
 
 
@@ -356,12 +376,14 @@ def score_and_reconstruct(
     precision: str = "auto",
     channels_last: bool | str = "auto",
     latent: bool = True,
+    fast: bool = True,
 ) -> tuple[dict[str, npt.NDArray[np.float32]], npt.NDArray[np.float32]]:
     """:func:`score_patches` and the reconstructions ``G(E(x))`` from the same forward pass.
 
     Used for anomaly maps, where each window needs both its scores and its pixel residual.
     ``latent=False`` skips the encoder pass on the reconstruction that only the z distance
     needs (about a fifth of the work); ``z_distance`` is then NaN.
+    The other parameters are those of :func:`score_patches`.
 
     Returns
     -------
@@ -370,12 +392,12 @@ def score_and_reconstruct(
     reconstruction : ndarray
         float32, shape ``(N, C, H, W)``.
     """
-    dev, prec, fmt = _setup(model, device, precision, channels_last)
+    run, dev, prec, fmt = _setup(model, device, precision, channels_last, fast)
     out: list[torch.Tensor] = []
     recs: list[np.ndarray] = []
     with torch.inference_mode():
         for batch in _rebatch(x, batch_size, model.config.model.channels):
-            table, x_rec = _score_batch(model, _to_device(batch, dev, fmt), prec, dev, latent)
+            table, x_rec = _score_batch(run, _to_device(batch, dev, fmt), prec, dev, latent)
             out.append(table.cpu())
             recs.append(x_rec.contiguous().cpu().numpy())
     size, channels = model.image_size, model.config.model.channels
@@ -390,12 +412,13 @@ def pixel_residual(
     device: str | torch.device | None = None,
     precision: str = "auto",
     channels_last: bool | str = "auto",
+    fast: bool = True,
 ) -> npt.NDArray[np.float32]:
     """The pixel residual ``|x − G(E(x))|`` of patches (paper Fig. 1; not in the official code).
 
     Parameters
     ----------
-    model, x, batch_size, device, precision, channels_last
+    model, x, batch_size, device, precision, channels_last, fast
         As for :func:`score_patches`.
 
     Returns
@@ -410,13 +433,13 @@ def pixel_residual(
     ValueError
         If the patches have the wrong shape.
     """
-    dev, prec, fmt = _setup(model, device, precision, channels_last)
+    run, dev, prec, fmt = _setup(model, device, precision, channels_last, fast)
     out: list[np.ndarray] = []
     with torch.inference_mode():
         for batch in _rebatch(x, batch_size, model.config.model.channels):
             xb = _to_device(batch, dev, fmt)
             with precision_context(prec, dev):
-                x_rec = model.generator(model.encoder(xb))  # type: ignore[misc]
+                x_rec = run.generator(run.encoder(xb))  # type: ignore[misc]
             out.append((xb - x_rec.float()).abs().contiguous().cpu().numpy())
     size = model.image_size
     channels = model.config.model.channels
@@ -588,7 +611,7 @@ def score_store(
     xs, index, labels = group["x"], group["index"], group["label"]
     n = int(xs.shape[0])
     volumes = list(group.attrs.get("volumes", []))
-    dev, prec, fmt = _setup(fanogan, device, precision, "auto")
+    run, dev, prec, fmt = _setup(fanogan, device, precision, "auto")
     step = max(int(xs.chunks[0]), batch_size)
 
     def read(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -616,7 +639,7 @@ def score_store(
                 parts = []
                 with torch.inference_mode():
                     for batch in _rebatch(x, batch_size, fanogan.config.model.channels):
-                        parts.append(_score_batch(fanogan, _to_device(batch, dev, fmt), prec, dev)[0].cpu())
+                        parts.append(_score_batch(run, _to_device(batch, dev, fmt), prec, dev)[0].cpu())
                 table = torch.cat(parts, dim=1).numpy()
                 for j in range(len(x)):
                     v = int(idx[j, 0])
