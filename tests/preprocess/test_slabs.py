@@ -75,8 +75,10 @@ def test_downsampling_in_slabs_equals_the_whole_volume(monkeypatch, phantom):
     data, invalid = _with_margins(phantom.data)
     disp = linear_to_display(data)
     disp[invalid] = np.nan
+    one_nan = linear_to_display(phantom.data)
+    one_nan[4, 100:110, 50:60] = np.nan  # NaN in one slab only: both code paths of the function
     runs = [lambda: downsample_columns(disp, 2, invalid=invalid),
-            lambda: downsample_columns(disp, 2),  # NaN in some slabs only: both code paths of the function
+            lambda: downsample_columns(one_nan, 2),
             lambda: downsample_columns(phantom.data, 3)]
     whole = [run() for run in runs]
     _slab_bscans(monkeypatch, 1)
