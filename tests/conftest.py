@@ -35,3 +35,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.nodeid.split("::")[0] or item.name.endswith("_gpu"):
             item.add_marker(pytest.mark.gpu)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared CPU: one thread is faster and avoids oversubscription stalls."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -34,12 +34,7 @@ from tests.models.test_fanogan_train import TINY_YAML, make_patch_store
 GEOMETRY = {"shape": (4, 496, 256), "spacing_mm": (0.24, 0.00387, 0.0113)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class _Flatten(nn.Module):

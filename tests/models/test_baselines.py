@@ -29,12 +29,7 @@ from octpipe.models.fanogan.networks import Discriminator, Generator
 EPS32 = float(np.finfo(np.float32).eps)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def stripes(n: int, seed: int = 0) -> np.ndarray:

@@ -46,13 +46,7 @@ def same_batches(x: torch.Tensor, batch_size: int, channels_last: bool = True) -
     return [b.contiguous(memory_format=fmt) for b in x.split(batch_size)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared CPU: one thread is faster and avoids oversubscription stalls."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(kappa: float = 0.5, seed: int = 0) -> FAnoGANModel:
