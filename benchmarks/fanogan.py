@@ -38,8 +38,10 @@ Variants (inference_mode, eval mode, inputs uniform in [-1, 1]; paper config: la
   bf16), ``bf16-fast`` (autocast on the prepared networks; also at the big batches) and
   ``compiled-bf16-fast``;
 - ``octpipe-auto``: what ``score_patches`` runs per batch with its defaults (``_setup`` once, then
-  ``_score_batch``), which also encodes x_rec for the z distance (a fifth pass), at batch 64 and
-  at the big batches (``score_patches`` defaults to 256), and
+  ``_score_batch``) for the naive run's three scores (A_R, A_D, A: what the export computes), at
+  batch 64 and at the big batches (``score_patches`` defaults to 64 for float32 on a CPU, 256
+  otherwise); ``octpipe-auto+z`` (paper config, batch 64) also encodes x_rec for the z distance
+  (a fifth pass, which the naive run does not make); and
   ``octpipe-naive``: the same code with ``fast=False, precision='fp32', channels_last=False``.
   Their ratio is the like-for-like speed-up of the library path.
 
@@ -205,8 +207,12 @@ def make_score_fn(G: nn.Module, D: nn.Module, E: nn.Module, *, fused_d: bool, bf
     return score
 
 
-def make_octpipe_fn(model: FAnoGANModel, *, fast: bool) -> tuple[ScoreFn, dict]:
-    """``_score_batch`` of the library after ``_setup``; returns the function and the setup record."""
+def make_octpipe_fn(model: FAnoGANModel, *, fast: bool, latent: bool = False) -> tuple[ScoreFn, dict]:
+    """``_score_batch`` of the library after ``_setup``; returns the function and the setup record.
+
+    ``latent=False`` (the default) computes the three scores the naive run computes (A_R, A_D, A),
+    as the export does; ``latent=True`` adds the encoder pass on G(E(x)) for the z distance.
+    """
     t = time.perf_counter()
     if fast:
         run, dev, prec, _ = _setup(model, "cpu", "auto", "auto", fast=True)
@@ -215,7 +221,7 @@ def make_octpipe_fn(model: FAnoGANModel, *, fast: bool) -> tuple[ScoreFn, dict]:
     info = {"fast": fast, "precision": prec, "setup_seconds": round(time.perf_counter() - t, 3)}
 
     def score(x: torch.Tensor) -> torch.Tensor:
-        return _score_batch(run, x, prec, dev)[0].T.contiguous()
+        return _score_batch(run, x, prec, dev, latent)[0].T.contiguous()
 
     return score, info
 
@@ -267,9 +273,13 @@ def build_variants(nets: Nets, cfg: dict, args: argparse.Namespace, native: bool
     model = as_model(copy.deepcopy(nets), cfg)
     auto_fn, auto_info = make_octpipe_fn(model, fast=True)
     naive_fn, naive_info = make_octpipe_fn(as_model(copy.deepcopy(nets), cfg), fast=False)
-    v["octpipe-auto"] = Variant(auto_fn, True, big, "score_patches defaults (_setup + _score_batch; default "
-                                "batch 256), incl. the z-distance encoder pass", bf16=auto_info["precision"] == "bf16",
-                                info=auto_info)
+    v["octpipe-auto"] = Variant(auto_fn, True, big, "score_patches defaults (_setup + _score_batch) computing "
+                                "the naive run's scores (A_R, A_D, A), as the export does",
+                                bf16=auto_info["precision"] == "bf16", info=auto_info)
+    z_fn, z_info = make_octpipe_fn(as_model(copy.deepcopy(nets), cfg), fast=True, latent=True)
+    v["octpipe-auto+z"] = Variant(z_fn, True, (64,), "octpipe-auto plus the z distance (a second encoder pass "
+                                  "on G(E(x)), which the naive run does not make)",
+                                  bf16=z_info["precision"] == "bf16", info=z_info)
     v["octpipe-naive"] = Variant(naive_fn, False, (64,), "the same code with fast=False, fp32, NCHW",
                                  info=naive_info)
     return v
@@ -564,6 +574,7 @@ def run_isa(args: argparse.Namespace) -> dict:
                     "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "native_bf16": cpu_has_native_bf16(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                     "load_average_at_start": list(load_start), "load_average_at_end": list(os.getloadavg())},
         "method": {"rounds": args.rounds, "min_seconds_per_sample": args.min_time, "batches": list(args.batches),
                    "seed": args.seed, "inference_seconds": round(inference_s, 1), "configs": configs,

@@ -16,7 +16,9 @@ def score(
     out: Path = typer.Option(..., "--out", "-o", help="Output CSV: volume_id, bscan, row, col, label, A_R, A_D, A, "
                                                        "z_distance (one row per patch)."),
     split: str = typer.Option("test", "--split", help="Patch split to score. Default test."),
-    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Patches per forward pass. Default 256."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1,
+                                            help="Patches per forward pass. Default: 64 for float32 on a "
+                                                 "CPU, else 256."),
     device: str = typer.Option("auto", "--device", help="auto (default; CUDA when available), cpu or cuda."),
     precision: str = typer.Option("auto", "--precision", help="auto (default: bf16 autocast on CUDA and on "
                                                               "CPUs with native bf16, else fp32), fp32, tf32 "

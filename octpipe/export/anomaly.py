@@ -49,8 +49,9 @@ class MapSettings:
         Window step in pixels (the patch size is the model's).
     weighting : {'gaussian', 'hann', 'constant'}, default 'gaussian'
         Window weighting of the merge.
-    batch_size : int, default 256
-        Windows per forward pass.
+    batch_size : int or None
+        Windows per forward pass; None (default) = 64 for float32 on a CPU, else 256
+        (:func:`~octpipe.models.fanogan.score.resolve_batch_size`).
     device, precision : str
         As :func:`octpipe.models.fanogan.score.score_patches` (``auto``).
     threshold_z : float, default 3.0
@@ -60,7 +61,7 @@ class MapSettings:
 
     stride: int = 16
     weighting: str = "gaussian"
-    batch_size: int = 256
+    batch_size: int | None = None
     device: str = "auto"
     precision: str = "auto"
     threshold_z: float = 3.0
@@ -68,7 +69,7 @@ class MapSettings:
     def __post_init__(self) -> None:
         if self.stride < 1:
             raise OctpipeError(f"stride must be >= 1, got {self.stride}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise OctpipeError(f"batch size must be >= 1, got {self.batch_size}")
 
 

@@ -84,7 +84,7 @@ def _update_model(run: Path, record: dict[str, Any]) -> None:
 
 
 def calibrate_volumes(model_dir: str | Path, sources: Sequence[str | Path], *, stride: int = 16,
-                      weighting: str = "gaussian", batch_size: int = 256, device: str = "auto",
+                      weighting: str = "gaussian", batch_size: int | None = None, device: str = "auto",
                       precision: str = "auto", progress: Callable[[str], None] | None = None
                       ) -> tuple[dict[str, Any], list[str]]:
     """Score normal volumes as the export does and store their volume scores in the model.

@@ -45,6 +45,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -245,7 +246,10 @@ def export_volume(vol: VolumeInput, model: FAnoGANModel, out_dir: str | Path, *,
     settings = settings or MapSettings()
     t0 = time.perf_counter()
     final = Path(out_dir) / vol.volume_id
-    with staged_dir(final, under=Path(out_dir), prefix=".staging-") as staging:
+    # the NIfTI maps (gzip) and the GIF are written by background threads while the pictures, tables
+    # and DICOM are made here (zlib and the GIF encoder release the GIL); leaving the block waits for them
+    with staged_dir(final, under=Path(out_dir), prefix=".staging-") as staging, \
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="octpipe-export") as writers:
         result = compute_anomaly(vol, model, settings)
         t_model = time.perf_counter() - t0
         attrs = vol.attrs
@@ -258,8 +262,9 @@ def export_volume(vol: VolumeInput, model: FAnoGANModel, out_dir: str | Path, *,
         _, y_mm = physical_coordinates(mx.shape, spacing, centre, laterality, order)
         meta = {"laterality": laterality, "y_mm": None if geometry_note else y_mm[:, 0]}
 
+        background = [writers.submit(_write_nifti, staging, result, spacing)]
         frames = write_overlays(staging / "overlays", result.background, result.residual, result.layers, meta)
-        write_gif(staging / "anomaly.gif", frames)
+        background.append(writers.submit(write_gif, staging / "anomaly.gif", frames))
         enface_note = None
         sectors: list[dict[str, Any]] = []
         if mx.shape[0] < 2 or geometry_note:
@@ -280,7 +285,6 @@ def export_volume(vol: VolumeInput, model: FAnoGANModel, out_dir: str | Path, *,
         _write_csv(staging / "windows.csv", ["bscan", "row", "col", "retina_fraction", *names],
                    [[*map(int, result.windows[i]), f"{result.window_retina[i]:.3f}",
                      *(f"{result.window_scores[n][i]:.6g}" for n in names)] for i in range(len(result.windows))])
-        _write_nifti(staging, result, spacing)
 
         identity = model_identity(model)
         summary = dict(result.summary)
@@ -315,6 +319,8 @@ def export_volume(vol: VolumeInput, model: FAnoGANModel, out_dir: str | Path, *,
         if dicom:
             root = Path(source_root) if source_root is not None else None
             summary["dicom"] = _write_dicom(staging, vol, result, settings, spacing, root, np.stack(frames))
+        for job in background:
+            job.result()  # a background writer's error is raised here, before the folder is kept
         summary["seconds_model"] = round(t_model, 3)
         if report:
             write_volume_report(staging / "report.html", summary, identity, staging)

@@ -58,6 +58,7 @@ __all__ = [
     "cpu_has_native_bf16",
     "resolve_precision",
     "precision_context",
+    "resolve_batch_size",
     "score_patches",
     "score_and_reconstruct",
     "pixel_residual",
@@ -166,6 +167,48 @@ def resolve_precision(precision: str, device: torch.device, *, training: bool) -
     if precision == "tf32" and device.type != "cuda":
         precision = "fp32"
     return precision
+
+
+#: Default patches per forward pass: float32 on a CPU at 64 (the activations of a batch stay in
+#: cache; on an AVX2 CPU batch 256 ran at 0.6-0.9x the rate of batch 64), otherwise 256 (bfloat16
+#: kernels and GPUs gain from larger batches). ``benchmarks/results/fanogan.json``.
+CPU_FP32_BATCH, DEFAULT_BATCH = 64, 256
+
+
+def resolve_batch_size(batch_size: int | None, device: torch.device, precision: str) -> int:
+    """Patches per forward pass: ``batch_size`` itself, or the default for the device and precision.
+
+    Parameters
+    ----------
+    batch_size : int or None
+        None for the default: :data:`CPU_FP32_BATCH` for resolved float32 on a CPU, else
+        :data:`DEFAULT_BATCH`.
+    device : torch.device
+        Where the networks run.
+    precision : str
+        The resolved precision (:func:`resolve_precision`).
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ValueError
+        If ``batch_size`` is below 1.
+
+    Examples
+    --------
+    >>> resolve_batch_size(None, torch.device("cpu"), "fp32"), resolve_batch_size(None, torch.device("cpu"), "bf16")
+    (64, 256)
+    >>> resolve_batch_size(32, torch.device("cpu"), "fp32")
+    32
+    """
+    if batch_size is None:
+        return CPU_FP32_BATCH if device.type == "cpu" and precision == "fp32" else DEFAULT_BATCH
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return int(batch_size)
 
 
 @contextmanager
@@ -301,7 +344,7 @@ def score_patches(
     model: FAnoGANModel,
     x: ArrayOrTensor | Iterable[ArrayOrTensor],
     *,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device: str | torch.device | None = None,
     precision: str = "auto",
     channels_last: bool | str = "auto",
@@ -318,8 +361,9 @@ def score_patches(
     x : array, tensor or iterable of them
         Patches, shape ``(N, C, H, W)`` (or ``(N, H, W)`` for one channel), values in [-1, 1];
         an iterable of such blocks is streamed and re-batched.
-    batch_size : int, default 256
-        Patches per forward pass. The last, partial batch is scored too.
+    batch_size : int or None
+        Patches per forward pass; None (default) = :func:`resolve_batch_size` (64 for float32 on
+        a CPU, else 256). The last, partial batch is scored too.
     device : str, torch.device or None
         ``'auto'``, ``'cpu'``, ``'cuda'``; None keeps the model's current device.
     precision : {'auto', 'fp32', 'tf32', 'bf16'}, default 'auto'
@@ -357,7 +401,7 @@ def score_patches(
     run, dev, prec, fmt = _setup(model, device, precision, channels_last, fast)
     out: list[torch.Tensor] = []
     with torch.inference_mode():
-        for batch in _rebatch(x, batch_size, model.config.model.channels):
+        for batch in _rebatch(x, resolve_batch_size(batch_size, dev, prec), model.config.model.channels):
             out.append(_score_batch(run, _to_device(batch, dev, fmt), prec, dev)[0].cpu())
     return _score_dict(out)
 
@@ -371,7 +415,7 @@ def score_and_reconstruct(
     model: FAnoGANModel,
     x: ArrayOrTensor | Iterable[ArrayOrTensor],
     *,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device: str | torch.device | None = None,
     precision: str = "auto",
     channels_last: bool | str = "auto",
@@ -396,7 +440,7 @@ def score_and_reconstruct(
     out: list[torch.Tensor] = []
     recs: list[np.ndarray] = []
     with torch.inference_mode():
-        for batch in _rebatch(x, batch_size, model.config.model.channels):
+        for batch in _rebatch(x, resolve_batch_size(batch_size, dev, prec), model.config.model.channels):
             table, x_rec = _score_batch(run, _to_device(batch, dev, fmt), prec, dev, latent)
             out.append(table.cpu())
             recs.append(x_rec.contiguous().cpu().numpy())
@@ -408,7 +452,7 @@ def pixel_residual(
     model: FAnoGANModel,
     x: ArrayOrTensor | Iterable[ArrayOrTensor],
     *,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device: str | torch.device | None = None,
     precision: str = "auto",
     channels_last: bool | str = "auto",
@@ -436,7 +480,7 @@ def pixel_residual(
     run, dev, prec, fmt = _setup(model, device, precision, channels_last, fast)
     out: list[np.ndarray] = []
     with torch.inference_mode():
-        for batch in _rebatch(x, batch_size, model.config.model.channels):
+        for batch in _rebatch(x, resolve_batch_size(batch_size, dev, prec), model.config.model.channels):
             xb = _to_device(batch, dev, fmt)
             with precision_context(prec, dev):
                 x_rec = run.generator(run.encoder(xb))  # type: ignore[misc]
@@ -553,7 +597,7 @@ def score_store(
     split: str,
     out_csv: str | Path,
     *,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device: str = "auto",
     precision: str = "auto",
     overwrite: bool = False,
@@ -576,8 +620,8 @@ def score_store(
         Patch split to score (usually ``'test'``).
     out_csv : str or Path
         Output CSV; written atomically.
-    batch_size : int, default 256
-        Patches per forward pass.
+    batch_size : int or None
+        Patches per forward pass; None = :func:`resolve_batch_size`.
     device : str, default 'auto'
         ``auto``, ``cpu`` or ``cuda``.
     precision : str, default 'auto'
@@ -612,6 +656,7 @@ def score_store(
     n = int(xs.shape[0])
     volumes = list(group.attrs.get("volumes", []))
     run, dev, prec, fmt = _setup(fanogan, device, precision, "auto")
+    batch_size = resolve_batch_size(batch_size, dev, prec)
     step = max(int(xs.chunks[0]), batch_size)
 
     def read(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
