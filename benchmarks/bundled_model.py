@@ -65,7 +65,7 @@ def main() -> None:
     from octpipe.heatmap import source_retina
     from octpipe.io.nifti import read_nifti
     from octpipe.models.fanogan.checkpoint import load_run
-    from octpipe.models.fanogan.score import score_store
+    from octpipe.models.fanogan.store_scores import score_store
     from octpipe.store import read_prepared, read_volume_attrs, read_volume_group, volume_ids
 
     torch.set_num_threads(args.threads)
