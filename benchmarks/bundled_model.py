@@ -61,12 +61,12 @@ def main() -> None:
     import torch
 
     from octpipe.evaluate import image_metrics, roc_auc
-    from octpipe.export.run import export_volume, store_volume_input
+    from octpipe.export.run import export_volume
     from octpipe.heatmap import source_retina
     from octpipe.io.nifti import read_nifti
     from octpipe.models.fanogan.checkpoint import load_run
-    from octpipe.models.fanogan.score import score_store
-    from octpipe.store import read_volume_attrs, read_volume_group, volume_ids
+    from octpipe.models.fanogan.store_scores import score_store
+    from octpipe.store import read_prepared, read_volume_attrs, read_volume_group, volume_ids
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,7 +95,7 @@ def main() -> None:
             attrs = read_volume_attrs(store, vid)
             arrays, _ = read_volume_group(store, vid)
             t1 = time.perf_counter()
-            summary = export_volume(store_volume_input(store, vid), model, tmp_path / "export", dicom=False)
+            summary = export_volume(read_prepared(store, vid), model, tmp_path / "export", dicom=False)
             seconds.append(time.perf_counter() - t1)
             vol_scores.append(summary["volume_score"])
             vol_labels.append(int(attrs["label"]))

@@ -72,12 +72,13 @@ def _child(store: str, vid: str, model_dir: str, threads: int, out: str) -> None
     import torch
 
     from octpipe.export.anomaly import MapSettings, compute_anomaly
-    from octpipe.export.run import export_volume, store_volume_input
+    from octpipe.export.run import export_volume
     from octpipe.models.fanogan.checkpoint import load_run
+    from octpipe.store import read_prepared
 
     torch.set_num_threads(threads)
     model = load_run(model_dir)
-    vol = store_volume_input(store, vid)
+    vol = read_prepared(store, vid)
     t0 = time.perf_counter()
     compute_anomaly(vol, model, MapSettings())  # warm-up (allocator, oneDNN kernels), not timed
     warm = time.perf_counter() - t0

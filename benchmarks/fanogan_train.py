@@ -51,9 +51,10 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from octpipe.models.data import BatchStream, PatchSource  # noqa: E402
 from octpipe.models.fanogan.config import FAnoGANConfig  # noqa: E402
 from octpipe.models.fanogan.runtime import Dist  # noqa: E402
-from octpipe.models.fanogan.train import _BatchStream, _PatchSource, train_gan  # noqa: E402
+from octpipe.models.fanogan.train import train_gan  # noqa: E402
 
 VARIANTS = {
     "fp32-nchw": {"precision": "fp32", "channels_last": False, "compile": False},
@@ -122,9 +123,9 @@ def run_variant(store: Path, name: str, args: argparse.Namespace, tmp: Path) -> 
 
 
 def data_stream_cost(store: Path) -> dict:
-    source = _PatchSource(store, "train")
-    stream = _BatchStream(source, np.arange(source.n), batch_size=64, d=Dist(), seed=0, stream=1, hflip=True,
-                          window=8)
+    source = PatchSource(store, "train")
+    stream = BatchStream(source, np.arange(source.n), batch_size=64, d=Dist(), seed=0, stream=1, hflip=True,
+                         window=8)
     stream.next()
     t0 = time.perf_counter()
     n = 200

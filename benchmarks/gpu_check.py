@@ -261,9 +261,8 @@ def check_training(args: argparse.Namespace, dev: torch.device, report: dict) ->
 # --------------------------------------------------------------------------------------------
 def phantom_volume(root: Path, n_bscans: int) -> object:
     """A phantom with fluid, written as a .vol file, ingested, and read back as an export input."""
-    from octpipe.export.run import store_volume_input
     from octpipe.pipeline import ingest
-    from octpipe.store import volume_ids
+    from octpipe.store import read_prepared, volume_ids
     from octpipe.testing.phantom_files import write_phantom_files
     from octpipe.testing.phantoms import make_phantom, parse_lesion_specs
 
@@ -272,7 +271,7 @@ def phantom_volume(root: Path, n_bscans: int) -> object:
     write_phantom_files(ph, root / "src", formats=["vol"])
     store = root / "s.zarr"
     ingest([root / "src"], store, workers=0)
-    return store_volume_input(store, volume_ids(store)[0])
+    return read_prepared(store, volume_ids(store)[0])
 
 
 def check_export(args: argparse.Namespace, dev: torch.device, report: dict) -> dict:

@@ -255,7 +255,8 @@ def stage_once(path: Path, store: Path, salt: str) -> dict[str, dict[str, float]
     from octpipe.preprocess.layers import choose_layers, segment_ilm_bm
     from octpipe.preprocess.prepare import PreprocessConfig, prepare_volume
     from octpipe.preprocess.resample import downsample_boundaries, downsample_columns, downsample_labels, lateral_factor
-    from octpipe.store import store_volume_id, write_volume
+    from octpipe.privacy import volume_id
+    from octpipe.store import write_volume
 
     cfg = PreprocessConfig()
     times: dict[str, dict[str, float]] = {}
@@ -320,7 +321,7 @@ def stage_once(path: Path, store: Path, salt: str) -> dict[str, dict[str, float]
     prepared = timed("prepare_volume_with_mask", lambda: prepare_volume(vol, cfg, mask=mask_src))
     arrays = {"image": prepared.image, "layers": prepared.layers, "flat": prepared.flat, "flatmap": prepared.flatmap,
               "mask": prepared.mask}
-    vid = store_volume_id(salt, sha, 0)
+    vid = volume_id(sha, 0, salt=salt)
     timed("write_volume", lambda: write_volume(store, vid, arrays, {"source": path.name, "note": "benchmark"}))
     shutil.rmtree(store / "volumes" / vid)
     (item,), _ = discover_inputs([path])

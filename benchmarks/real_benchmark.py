@@ -282,15 +282,14 @@ def _reconstruction_scores(model, patches: np.ndarray, batch_size: int = 256, bf
 
 def score_volume(store: Path, vid: str, fanogan, learned: dict, trivial: dict, profile: np.ndarray) -> dict:
     """Image scores of every method and (for annotated volumes) the flattened pixel maps."""
-    from octpipe.export.anomaly import MapSettings, compute_anomaly, volume_input_from_arrays
+    from octpipe.export.anomaly import MapSettings, compute_anomaly
     from octpipe.heatmap import WindowMerger, retina_mask
     from octpipe.patches import extract_patches
     from octpipe.preprocess.flatten import flatten_image
-    from octpipe.store import read_volume_group
+    from octpipe.store import read_prepared
     from octpipe.testing.realdata import VITREOUS_LESIONS
 
-    arrays, attrs = read_volume_group(store, vid)
-    vol = volume_input_from_arrays(vid, arrays, attrs)
+    vol = read_prepared(store, vid)
     settings = MapSettings(stride=STRIDE)
     res = compute_anomaly(vol, fanogan, settings)  # exactly what octpipe export computes
     size = fanogan.image_size
@@ -317,7 +316,7 @@ def score_volume(store: Path, vid: str, fanogan, learned: dict, trivial: dict, p
     image["thickness irregularity"] = thickness_irregularity(vol.layers)
     out = {"volume_id": vid, "image": image}
     if vol.mask is not None:
-        geometry = attrs["flatten"]
+        geometry = vol.flatten_geometry
         mask_flat = flatten_image(vol.mask.astype(np.int16), vol.flatmap, height=geometry["height"],
                                   bm_row=geometry["bm_row"], order=0, fill=0)
         inside = retina_mask(vol.layers[0], vol.layers[1], vol.image.shape[1]).astype(np.uint8)

@@ -1,6 +1,6 @@
 """How many volumes a training batch draws on: patches stored in volume order vs in random order.
 
-The training stream (``octpipe.models.fanogan.train._BatchStream``) visits the chunks of the
+The training stream (``octpipe.models.data.BatchStream``) visits the chunks of the
 train split in a random order, ``data.shuffle_chunks`` at a time, and shuffles the patches of
 each window: cheap, but when the split is stored one volume after another a batch of 64 sees
 only the few volumes inside its window. The official code reshuffles the whole training set
@@ -34,7 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from octpipe.models.fanogan.train import _BatchStream, _Dist, _PatchSource  # noqa: E402
+from octpipe.models.data import BatchStream, PatchSource  # noqa: E402
+from octpipe.models.fanogan.runtime import Dist  # noqa: E402
 from octpipe.patches import write_patch_split  # noqa: E402
 
 BATCH = 64
@@ -43,12 +44,12 @@ WINDOW = 8  # data.shuffle_chunks default
 
 def batch_diversity(store: Path, split: str, *, seed: int = 0) -> dict:
     """Distinct volumes / B-scans per batch over one epoch of the training stream's order."""
-    source = _PatchSource(store, split)
+    source = PatchSource(store, split)
     import zarr
 
     index = np.asarray(zarr.open_group(str(store / "patches" / split), mode="r")["index"][...])
-    stream = _BatchStream(source, np.arange(source.n), batch_size=BATCH, d=_Dist(), seed=seed, stream=1,
-                          hflip=False, window=WINDOW)
+    stream = BatchStream(source, np.arange(source.n), batch_size=BATCH, d=Dist(), seed=seed, stream=1,
+                         hflip=False, window=WINDOW)
     order, _ = stream._epoch_order(0)
     full = np.random.default_rng(seed).permutation(source.n)
 

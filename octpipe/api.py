@@ -24,9 +24,10 @@ from octpipe.errors import OctpipeError
 from octpipe.volume import OctVolume
 
 if TYPE_CHECKING:
-    from octpipe.export.anomaly import VolumeAnomaly, VolumeInput
+    from octpipe.export.anomaly import VolumeAnomaly
     from octpipe.models.fanogan.model import FAnoGANModel
     from octpipe.preprocess.layers import LayerResult
+    from octpipe.preprocess.prepare import PreparedVolume
 
 __all__ = ["read_volume", "read_volumes", "segment_layers", "prepare", "load_model", "anomaly_map", "open_store",
            "Store"]
@@ -72,7 +73,7 @@ def segment_layers(vol: OctVolume, *, use_vendor: bool = True) -> LayerResult:
 
 def prepare(vol: OctVolume, *, model: FAnoGANModel | None = None, display: str = "log",
             robust: tuple[float, float] | None = None, target_spacing_mm: float = 0.0226,
-            factor: int | None = None, use_vendor_layers: bool = True) -> VolumeInput:
+            factor: int | None = None, use_vendor_layers: bool = True) -> PreparedVolume:
     """The paper's preprocessing of one volume: display domain, [-1, 1], columns, ILM/BM, flattening.
 
     Parameters
@@ -88,9 +89,10 @@ def prepare(vol: OctVolume, *, model: FAnoGANModel | None = None, display: str =
 
     Returns
     -------
-    VolumeInput
-        ``image``, ``layers``, ``flat`` (the flattened retina the model sees), ``flatmap`` and
-        ``attrs``; what :func:`anomaly_map` takes.
+    PreparedVolume
+        ``image``, ``layers``, ``flat`` (the flattened retina the model sees), ``flatmap``, the
+        volume id, source shape and spacing, laterality, B-scan order and the preprocessing
+        used; what :func:`anomaly_map` takes and :func:`octpipe.store.write_prepared` stores.
     """
     from octpipe.export.run import _prepared_input
     from octpipe.preprocess.prepare import PreprocessConfig
@@ -116,7 +118,7 @@ def load_model(path: str | Path, *, device: str = "cpu") -> FAnoGANModel:
     return load_run(p, device=device)
 
 
-def anomaly_map(prepared: VolumeInput, model: FAnoGANModel, *, stride: int = 16, weighting: str = "gaussian",
+def anomaly_map(prepared: PreparedVolume, model: FAnoGANModel, *, stride: int = 16, weighting: str = "gaussian",
                 batch_size: int = 256, device: str = "auto", precision: str = "auto",
                 threshold: float = 3.0) -> VolumeAnomaly:
     """Score every window of a prepared volume and merge the maps (what ``octpipe export`` writes).
@@ -154,13 +156,13 @@ class Store:
 
         return read_volume_attrs(self.path, volume_id)
 
-    def volume(self, volume_id: str) -> VolumeInput:
+    def volume(self, volume_id: str) -> PreparedVolume:
         """A stored volume, prepared, as :func:`prepare` gives it (for :func:`anomaly_map`)."""
-        from octpipe.export.run import store_volume_input
+        from octpipe.store import read_prepared
 
         if volume_id not in self.volume_ids:
             raise OctpipeError(f"no complete volume {volume_id} in the store", self.path)
-        return store_volume_input(self.path, volume_id)
+        return read_prepared(self.path, volume_id)
 
     def patches(self, split: str = "test") -> Any:
         """The Zarr group of a patch split (arrays ``x``, ``index``, ``label``, maybe ``mask``)."""

@@ -1,10 +1,12 @@
-"""The demo run behind ``octpipe demo``: every stage that exists, on a phantom cohort.
+"""The demo run behind ``octpipe demo``: the run file ``pipelines/demo.yaml`` on a phantom cohort.
 
-It always does real work: it makes the phantoms, writes them in vendor formats, reads
-them back through octpipe's readers and checks the result against the truth, and draws
-the figures, ingests the folder with Dask, cuts patch datasets, and ends with the anomaly
-maps and clinical report of the bundled f-AnoGAN model (``models/fanogan-phantom``) for a
-healthy phantom and a phantom with fluid, with the screening index that ranks them.
+The demo runs the steps of its run file through the same code as ``octpipe run`` (each step
+checked before the first runs, then each an octpipe command), with the file's ``demo-run/``
+folder as the demo's output folder and the model path taken from the repository. Between
+the steps it adds its own checks and pictures: after the phantoms are written it reads every
+file back through octpipe's readers and checks it against the truth; after the patches, a
+figure per phantom. The export step maps a healthy phantom and a phantom with fluid with the
+bundled f-AnoGAN model (``models/fanogan-phantom``), ranked in the screening index.
 """
 
 from __future__ import annotations
@@ -12,16 +14,21 @@ from __future__ import annotations
 import csv
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from octpipe.errors import OctpipeError
 from octpipe.volume import OctVolume
 
-__all__ = ["run_demo", "DEMO_LESIONS", "BUNDLED_MODEL"]
+__all__ = ["run_demo", "demo_steps", "DEMO_LESIONS", "BUNDLED_MODEL", "DEMO_RUN_FILE"]
 
+_REPO = Path(__file__).resolve().parents[1]
 #: The bundled trained model (a run folder with model.pt, calibration and model card).
-BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "fanogan-phantom"
+BUNDLED_MODEL = _REPO / "models" / "fanogan-phantom"
+#: The demo's run file; its paths under ``demo-run/`` are the demo's output folder.
+DEMO_RUN_FILE = _REPO / "pipelines" / "demo.yaml"
+_RUN_FOLDER = "demo-run/"
 
 #: Lesions of the demo's diseased phantoms: one of each kind, default sizes.
 DEMO_LESIONS = "irf,srf,ped,drusen,hrf"
@@ -86,6 +93,71 @@ def _figure(phantom_npz: Path, display: np.ndarray, truth: dict, out_png: Path) 
     plt.close(fig)
 
 
+def _rebase(value: Any, out: Path) -> Any:
+    """A run-file value with ``demo-run/`` paths under ``out`` and ``models/`` paths in the repository."""
+    if isinstance(value, list):
+        return [_rebase(v, out) for v in value]
+    if isinstance(value, str) and value.startswith(_RUN_FOLDER):
+        return str(out / value[len(_RUN_FOLDER):])
+    if isinstance(value, str) and value.startswith("models/"):
+        return str(_REPO / value)
+    return value
+
+
+def demo_steps(out: Path, *, n: int = 4, seed: int = 0, shape: tuple[int, int, int] | None = None,
+               spacing_mm: tuple[float, float, float] | None = None, workers: int | None = None,
+               run_file: Path = DEMO_RUN_FILE) -> list[tuple[str, dict[str, Any]]]:
+    """The steps of the demo's run file for output folder ``out``, with the demo's settings applied.
+
+    Parameters
+    ----------
+    out : Path
+        Replaces the run file's ``demo-run/`` folder.
+    n, seed, shape, spacing_mm
+        The phantom step's ``n``, ``seed``, ``shape`` and ``spacing`` (None keeps the file's).
+    workers : int, optional
+        Dask workers of the ingest, patches and export steps (None keeps the file's; 0 runs
+        in this process).
+    run_file : Path
+        The run file (``pipelines/demo.yaml``).
+    """
+    from octpipe.cli.run import load_run_file
+
+    _, steps = load_run_file(run_file)
+    out_steps = []
+    for command, options in steps:
+        options = {k: _rebase(v, out) for k, v in options.items()}
+        if command == "phantom":
+            options.update(n=n, seed=seed, lesions=DEMO_LESIONS)
+            if shape is not None:
+                options["shape"] = ",".join(str(int(v)) for v in shape)
+            if spacing_mm is not None:
+                options["spacing"] = ",".join(f"{float(v):g}" for v in spacing_mm)
+        if command in ("ingest", "patches", "export") and workers is not None:
+            options["workers"] = workers
+        out_steps.append((command, options))
+    return out_steps
+
+
+def _manifest_counts(manifest: Path) -> dict[str, int]:
+    from octpipe.manifest import load_manifest
+
+    counts = {"ok": 0, "skipped": 0, "failed": 0}
+    for row in load_manifest(manifest):
+        counts[str(row.get("status"))] = counts.get(str(row.get("status")), 0) + 1
+    return counts
+
+
+def _split_stats(store: Path, split: str, seconds: float) -> dict:
+    from octpipe.store import open_patch_split
+
+    group = open_patch_split(store, split)
+    labels, counts = np.unique(np.asarray(group["label"][...]), return_counts=True)
+    label_counts = {-1: 0, 0: 0, 1: 0, **{int(k): int(c) for k, c in zip(labels, counts, strict=True)}}
+    return {"n": int(group["x"].shape[0]), "volumes": len(group.attrs.get("volumes", [])), "labels": label_counts,
+            "seconds": round(seconds, 3)}
+
+
 def run_demo(out: Path, *, n: int = 4, seed: int = 0, progress: bool = False,
              echo: Callable[[str], object] = print, shape: tuple[int, int, int] | None = None,
              spacing_mm: tuple[float, float, float] | None = None, workers: int | None = None) -> dict:
@@ -106,7 +178,8 @@ def run_demo(out: Path, *, n: int = 4, seed: int = 0, progress: bool = False,
     shape, spacing_mm : tuple, optional
         Phantom geometry; the Spectralis default (49 × 496 × 512) when None.
     workers : int, optional
-        Dask workers for the ingest stage (default all cores; 0 runs in-process).
+        Dask workers of the ingest, patches and export steps (default the run file's; 0 runs
+        in-process).
 
     Returns
     -------
@@ -114,19 +187,36 @@ def run_demo(out: Path, *, n: int = 4, seed: int = 0, progress: bool = False,
         ``stages`` with their outputs, ``failures`` (list of strings).
     """
     import json
+    import time
 
+    from octpipe.cli.run import check_steps, run_step
     from octpipe.preprocess.intensity import linear_to_display
-    from octpipe.testing.phantom_files import write_cohort
-    from octpipe.testing.phantoms import make_cohort, parse_lesion_specs
 
     out = Path(out)
-    summary: dict = {"stages": {}, "failures": []}
+    summary: dict = {"stages": {}, "failures": [], "run_file": str(DEMO_RUN_FILE)}
+    steps = demo_steps(out, n=n, seed=seed, shape=shape, spacing_mm=spacing_mm, workers=workers)
+    lines = check_steps(steps, DEMO_RUN_FILE.name)  # every step checked before the first runs
+    todo = list(zip([c for c, _ in steps], [o for _, o in steps], lines, strict=True))
+
+    def step(command: str) -> tuple[dict[str, Any], float] | None:
+        """Run the next step of the run file (which must be ``command``); None when it failed."""
+        if not todo or todo[0][0] != command:
+            raise OctpipeError(f"the demo expects a {command} step next in its run file", DEMO_RUN_FILE)
+        _, options, argv = todo.pop(0)
+        t0 = time.perf_counter()
+        code = run_step(argv, verbosity=-1, progress=progress)
+        if code != 0:
+            summary["failures"].append(f"step {len(lines) - len(todo)} ({command}) failed with exit code {code}: "
+                                       f"octpipe {' '.join(argv)}")
+            return None
+        return options, time.perf_counter() - t0
 
     # 1. phantom cohort in four vendor formats
-    phantom_dir = out / "phantoms"
-    geometry = {k: v for k, v in (("shape", shape), ("spacing_mm", spacing_mm)) if v is not None}
-    cohort = make_cohort(n, seed=seed, lesions=parse_lesion_specs(DEMO_LESIONS), healthy_fraction=0.5, **geometry)
-    manifest = write_cohort(cohort, phantom_dir, progress=progress)
+    done = step("phantom")
+    if done is None:
+        return summary
+    phantom_dir = Path(done[0]["out"])
+    manifest = phantom_dir / "manifest.csv"
     echo(f"[1/6] phantoms: {n} volumes in vol/dicom/nifti/png -> {phantom_dir} (manifest {manifest.name})")
     summary["stages"]["phantoms"] = {"folder": str(phantom_dir), "manifest": str(manifest), "n": n}
 
@@ -167,26 +257,26 @@ def run_demo(out: Path, *, n: int = 4, seed: int = 0, progress: bool = False,
     summary["stages"]["readback"] = {"table": str(readback), "ok": n_ok, "total": len(rows)}
 
     # 3. ingest the whole phantom folder into a Zarr store on a local Dask cluster
-    from octpipe.pipeline import ingest
-
-    store = out / "store.zarr"
-    result = ingest([phantom_dir], store, workers=workers, progress=progress)
-    c = result.counts
+    done = step("ingest")
+    if done is None:
+        return summary
+    store = Path(done[0]["out"])
+    store_manifest = store.with_name(store.name.removesuffix(".zarr") + "-manifest.csv")  # with the real paths
+    c = _manifest_counts(store_manifest)
+    seconds = round(done[1], 1)
     echo(f"[3/6] ingest: {c['ok']} volumes written, {c['skipped']} non-OCT files skipped, {c['failed']} failed "
-         f"in {result.seconds} s -> {store} (manifest {result.manifest.name})")
-    summary["stages"]["ingest"] = {"store": str(store), "manifest": str(result.manifest), **c,
-                                   "seconds": result.seconds}
+         f"in {seconds} s -> {store} (manifest {store_manifest.name})")
+    summary["stages"]["ingest"] = {"store": str(store), "manifest": str(store_manifest), **c, "seconds": seconds}
     if c["failed"] or c["ok"] != len(_FORMATS) * n:
         summary["failures"].append(f"ingest: expected {len(_FORMATS) * n} volumes, got {c}")
 
     # 4. patch datasets: random training patches from the healthy volumes, a test grid over all
-    from octpipe.patches import write_patch_split
-
     patch_stats = {}
-    for split in ("train", "test"):
-        res = write_patch_split(store, split, workers=workers, progress=progress, k=16 if split == "train" else 64)
-        patch_stats[split] = {"n": res.n_patches, "volumes": res.n_volumes, "labels": res.label_counts,
-                              "seconds": res.seconds}
+    for _ in range(2):
+        done = step("patches")
+        if done is None:
+            return summary
+        patch_stats[done[0]["split"]] = _split_stats(store, done[0]["split"], done[1])
     tr, te = patch_stats["train"], patch_stats["test"]
     echo(f"[4/6] patches: train {tr['n']} from {tr['volumes']} healthy volumes; test {te['n']} "
          f"(anomalous {te['labels'][1]}, normal {te['labels'][0]}) -> {store / 'patches'}")
@@ -205,23 +295,34 @@ def run_demo(out: Path, *, n: int = 4, seed: int = 0, progress: bool = False,
     echo(f"[5/6] figures: {len(figures)} B-scan + en-face truth figures -> {out / 'figures'}")
     summary["stages"]["figures"] = figures
 
-    # 6. anomaly maps, reports and the screening index with the bundled model
-    summary["stages"]["export"] = _export_stage(out, phantom_dir, store, result.manifest, entries, echo, summary)
+    # 6. anomaly maps, reports and the screening index with the bundled model; then the evaluation
+    summary["stages"]["export"] = _export_stage(phantom_dir, store, store_manifest, entries, echo, summary, todo,
+                                                step)
+    while todo:  # the run file's remaining steps (the evaluation)
+        command = todo[0][0]
+        done = step(command)
+        if done is None:
+            return summary
+        summary["stages"][command] = {"folder": str(done[0].get("out", "")), "seconds": round(done[1], 1)}
     return summary
 
 
-def _export_stage(out: Path, phantom_dir: Path, store: Path, manifest: Path, entries: list[dict],
-                  echo: Callable[[str], object], summary: dict) -> dict:
-    """Export one healthy phantom (.vol) and one with fluid (DICOM, so the Parametric Map path runs)."""
+def _export_stage(phantom_dir: Path, store: Path, manifest: Path, entries: list[dict],
+                  echo: Callable[[str], object], summary: dict, todo: list, step: Callable) -> dict:
+    """Run the run file's export step for a healthy phantom (.vol) and one with fluid (DICOM).
+
+    The DICOM source makes the Parametric Map path run.
+    """
     import json
 
-    from octpipe.export.anomaly import MapSettings
-    from octpipe.export.run import export_store
-
+    if not todo or todo[0][0] != "export":
+        raise OctpipeError("the demo expects an export step next in its run file", DEMO_RUN_FILE)
     if not (BUNDLED_MODEL / "model.pt").is_file():
         summary["failures"].append(f"export: no bundled model at {BUNDLED_MODEL}")
         echo(f"[6/6] export: skipped, no bundled model at {BUNDLED_MODEL}")
+        todo.clear()
         return {}
+    from octpipe.cli.run import step_argv
     from octpipe.manifest import load_manifest
 
     ingested = {row["path"]: row["volume_id"] for row in load_manifest(manifest) if row.get("volume_id")}
@@ -232,21 +333,29 @@ def _export_stage(out: Path, phantom_dir: Path, store: Path, manifest: Path, ent
         chosen[ingested[f"{phantom_dir.name}/{healthy[0]['vol']}"]] = ("healthy", healthy[0]["name"], "vol")
     if diseased:
         chosen[ingested[f"{phantom_dir.name}/{diseased[0]['dicom']}"]] = ("fluid", diseased[0]["name"], "dicom")
-    export_dir = out / "export"
-    res = export_store(store, BUNDLED_MODEL, export_dir, volume_ids=list(chosen), workers=0,
-                       settings=MapSettings(), source_root=phantom_dir.parent)  # store paths start at it
+    command, options, _ = todo[0]
+    options = {**options, "volume": list(chosen)}  # the two volumes, not the whole store
+    todo[0] = (command, options, step_argv(command, options, f"{DEMO_RUN_FILE.name} export step"))
+    done = step("export")
+    export_dir = Path(options["out"])
     ranked = []
-    with open(export_dir / "index.csv") as fh:
-        for row in csv.DictReader(fh):
-            if row.get("status", "ok") != "ok" or row["volume_id"] not in chosen:
-                continue  # a failed volume is listed in res.failed
-            kind, name, fmt = chosen[row["volume_id"]]
-            ranked.append({"volume_id": row["volume_id"], "phantom": name, "format": fmt, "truth": kind,
-                           "volume_score": float(row["volume_score"]), "percentile": row["volume_percentile"],
-                           "report": str(export_dir / row["report"])})
-    summary["failures"] += [f"export {vid}: {reason}" for vid, reason in res.failed.items()]
+    failed = {}
+    if (export_dir / "index.csv").is_file():
+        with open(export_dir / "index.csv") as fh:
+            for row in csv.DictReader(fh):
+                if row["volume_id"] not in chosen:
+                    continue
+                if row.get("status", "ok") != "ok":
+                    failed[row["volume_id"]] = row.get("reason", "")
+                    continue
+                kind, name, fmt = chosen[row["volume_id"]]
+                ranked.append({"volume_id": row["volume_id"], "phantom": name, "format": fmt, "truth": kind,
+                               "volume_score": float(row["volume_score"]), "percentile": row["volume_percentile"],
+                               "report": str(export_dir / row["report"])})
+    summary["failures"] += [f"export {vid}: {reason}" for vid, reason in failed.items()]
+    seconds = done[1] if done else 0.0
     order = ", ".join(f"{r['truth']} {r['phantom']} ({r['volume_score']:.3g})" for r in ranked)
-    echo(f"[6/6] export: anomaly maps and reports of {len(res.done)} volumes in {res.seconds:.0f} s with "
+    echo(f"[6/6] export: anomaly maps and reports of {len(ranked)} volumes in {seconds:.0f} s with "
          f"{BUNDLED_MODEL.name}; ranked {order} -> {export_dir / 'index.html'}")
     return {"folder": str(export_dir), "index": str(export_dir / "index.html"), "ranked": ranked,
-            "seconds": round(res.seconds, 1), "model": str(BUNDLED_MODEL)}
+            "seconds": round(seconds, 1), "model": str(BUNDLED_MODEL)}

@@ -138,11 +138,10 @@ def _volume_rng(seed: int, volume_id: str) -> np.random.Generator:
 def _volume_patches(volume_id: str, store: str, split: str, patch: int, stride: int, k: int, seed: int,
                     dtype: str) -> dict[str, np.ndarray | int]:
     """One Dask task: read a volume's flattened area and mask, return its patches."""
-    import zarr
-
     from octpipe.preprocess.flatten import flatten_image
+    from octpipe.store import open_volume
 
-    group = zarr.open_group(str(Path(store) / "volumes" / volume_id), mode="r")
+    group = open_volume(store, volume_id)
     flat = group["flat"][...]
     attrs = dict(group.attrs)
     rng = _volume_rng(seed, volume_id)
@@ -296,6 +295,8 @@ def _write_patch_split_locked(store: Path, split: str, *, patch: int, stride: in
 
     import zarr
 
+    from octpipe.store import open_volume
+
     target = store / "patches" / name
     if target.exists() and not overwrite:
         raise OctpipeError(f"patches/{name} exists; pass --overwrite to replace it", store)
@@ -303,7 +304,7 @@ def _write_patch_split_locked(store: Path, split: str, *, patch: int, stride: in
     if not vids:
         what = "healthy (label 0) volumes" if split == "train" else "preprocessed volumes"
         raise OctpipeError(f"no {what} in the store for split {split!r}", store)
-    first = zarr.open_group(str(store / "volumes" / vids[0]), mode="r")["flat"]
+    first = open_volume(store, vids[0])["flat"]
     if patch > first.shape[1] or patch > first.shape[2]:
         raise OctpipeError(f"patch size {patch} is larger than the flattened area {first.shape[1:]}", store)
     if split == "train":

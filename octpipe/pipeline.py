@@ -125,10 +125,9 @@ def ingest_one(item: InputFile, store: str, salt: str, complete: dict[tuple[str,
         fields keep the file's. Replaces the file's before preprocessing, and the store
         and manifest record ``spacing_source="user"``.
     """
-    import numpy as np
-
     from octpipe.preprocess.prepare import PreprocessConfig, prepare_volume
-    from octpipe.store import store_volume_id, write_volume
+    from octpipe.privacy import volume_id
+    from octpipe.store import write_prepared
 
     config = config or PreprocessConfig()
     t0 = time.perf_counter()
@@ -152,7 +151,7 @@ def ingest_one(item: InputFile, store: str, salt: str, complete: dict[tuple[str,
         vol = override_spacing(vol, spacing)
         prov = vol.provenance
         digest = prov.sha256 if prov else sha
-        vid = store_volume_id(salt, digest, series)
+        vid = volume_id(digest, series, salt=salt)
         common = dict(base, sha256=digest, series=series, volume_id=vid, shape="x".join(map(str, vol.shape)),
                       spacing_mm=";".join(f"{s:.6g}" for s in vol.spacing_mm), spacing_source=vol.spacing_source,
                       laterality=vol.laterality or "")
@@ -162,7 +161,7 @@ def ingest_one(item: InputFile, store: str, salt: str, complete: dict[tuple[str,
             continue
         try:
             mask = _load_mask(sidecar, vol.shape) if len(volumes) == 1 else None
-            prepared = prepare_volume(vol, config, mask=mask)
+            prepared = prepare_volume(vol, config, mask=mask, volume_id=vid)
         except (OctpipeError, ValueError) as exc:
             reason = exc.reason if isinstance(exc, OctpipeError) else str(exc)
             rows.append(_row(**common, status="failed", error=f"preprocessing: {reason}",
@@ -170,42 +169,14 @@ def ingest_one(item: InputFile, store: str, salt: str, complete: dict[tuple[str,
             continue
         volume_label = (int(prepared.mask.any()) if prepared.mask is not None
                         else (label if label is not None else -1))
-        arrays: dict[str, object] = {"image": prepared.image, "layers": prepared.layers, "flat": prepared.flat,
-                                     "flatmap": prepared.flatmap}
-        array_attrs: dict[str, dict[str, object]] = {
-            "image": {"axes": ["z", "y", "x"], "range": [-1, 1]},
-            "layers": {"names": ["ILM", "BM"], "axes": ["layer", "z", "x"], "units": "row (pixel centre)",
-                       "source": prepared.qc.get("source", "")},
-            "flat": {"axes": ["z", "y", "x"], "range": [-1, 1]},
-            "flatmap": {"names": ["bm_ref", "scale"], "axes": ["param", "z", "x"]},
-        }
-        if prepared.mask is not None:
-            arrays["mask"] = prepared.mask
-        if vol.invalid is not None and vol.invalid.any():
-            arrays["valid"] = np.isfinite(prepared.image).astype(np.uint8)
         # the spacing used: the file's, the user's, or estimated from the retina when neither
-        dz, dy, dx = prepared.spacing_mm
         common.update(spacing_mm=";".join(f"{s:.6g}" for s in prepared.spacing_mm),
                       spacing_source=prepared.spacing_source)
-        attrs = {
-            "source": item.rel, "sha256": digest, "series": series, "format": item.format,
-            "reader": prov.reader if prov else "", "source_shape": list(vol.shape),
-            "shape": list(prepared.image.shape),
-            "source_spacing_mm": [dz, dy, dx], "spacing_mm": [dz, dy, dx * prepared.factor],
-            "spacing_source": prepared.spacing_source, "file_spacing_mm": file_spacing,
-            "file_spacing_source": file_spacing_source,
-            "images": item.images, "images_reason": item.images_reason,
-            "laterality": vol.laterality, "scan_pattern": vol.scan_pattern,
-            "vendor": vol.vendor, "bscan_order": vol.bscan_order, "source_intensity": vol.intensity,
-            "label": volume_label, "annotated": prepared.mask is not None,
-            "column_factor": prepared.factor,
-            "flatten": {"height": prepared.height, "bm_row": prepared.bm_row},
-            "display_range": list(prepared.display_range),
-            "qc": prepared.qc,
-            "preprocess": config.to_dict(),
-            "octpipe_version": __version__,
-        }
-        written = write_volume(store, vid, arrays, attrs, array_attrs=array_attrs, overwrite=overwrite)
+        prepared = replace(prepared, info={
+            **prepared.info, "source": item.rel, "sha256": digest, "series": series, "format": item.format,
+            "file_spacing_mm": file_spacing, "file_spacing_source": file_spacing_source,
+            "images": item.images, "images_reason": item.images_reason, "label": volume_label})
+        written = write_prepared(store, prepared, overwrite=overwrite)
         rows.append(_row(**common, status="ok" if written else "skipped",
                          error="" if written else "duplicate: same content as another input",
                          seconds=round(time.perf_counter() - t1 + (t1 - t0) / len(volumes), 3)))

@@ -26,6 +26,11 @@ the image and NGFF readers ignore them. Layout note: ``ome`` and the image's
 purely additive: nothing in octpipe reads them, so volumes written before them (no ``ome``)
 read as before, and a store may hold both kinds.
 
+The store owns this layout: a prepared volume goes in with :func:`write_prepared` and comes
+back with :func:`read_prepared` (a :class:`~octpipe.preprocess.prepare.PreparedVolume`); the
+attribute names on disk are written and read only here. Volume ids are
+:func:`octpipe.privacy.volume_id` salted with the store's ``pseudonym_salt``.
+
 A volume group is written complete under ``.staging/`` and then renamed into
 ``volumes/``: a crash never leaves a half-written volume that looks finished, and a
 volume present under ``volumes/`` with ``status == "complete"`` is done. Renames are
@@ -45,7 +50,7 @@ import secrets
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -56,20 +61,24 @@ from octpipe import __version__
 from octpipe.edge import LOCK_NAME, folder_lock, staged_dir
 from octpipe.errors import OctpipeError
 from octpipe.ome import AXES, multiscales_metadata
-from octpipe.privacy import pseudonymous_id
+
+if TYPE_CHECKING:
+    from octpipe.preprocess.prepare import PreparedVolume
 
 __all__ = [
     "STORE_LAYOUT_VERSION",
     "FAST_ZSTD",
     "open_store",
     "store_salt",
-    "store_volume_id",
     "complete_volume_attrs",
     "open_patch_split",
     "check_patch_size",
     "complete_volumes",
+    "write_prepared",
+    "read_prepared",
     "write_volume",
     "read_volume_group",
+    "open_volume",
     "read_volume_attrs",
     "volume_ids",
     "store_lock",
@@ -122,11 +131,6 @@ def open_store(path: str | Path, *, create: bool = True) -> zarr.Group:
 def store_salt(path: str | Path) -> str:
     """The store's pseudonym salt."""
     return str(open_store(path, create=False).attrs["pseudonym_salt"])
-
-
-def store_volume_id(salt: str, sha256: str, series: int = 0) -> str:
-    """Volume id in a store: a salted hash of the source file's hash and series index."""
-    return pseudonymous_id(salt, sha256, series, prefix="v", length=16)
 
 
 def _read_attrs(group_dir: Path) -> dict:
@@ -267,14 +271,141 @@ def read_volume_attrs(store: str | Path, volume_id: str) -> dict:
     return attrs
 
 
-def read_volume_group(store: str | Path, volume_id: str) -> tuple[dict[str, np.ndarray], dict]:
-    """Read a volume group's arrays and attributes (for tests and small tools)."""
+def open_volume(store: str | Path, volume_id: str) -> Any:
+    """A volume's Zarr group, read-only (arrays are read lazily: for one array of a large volume)."""
     path = Path(store) / "volumes" / volume_id
     if not (path / "zarr.json").exists():
         raise OctpipeError(f"no volume {volume_id!r} in the store", store)
-    group = zarr.open_group(str(path), mode="r")
+    return zarr.open_group(str(path), mode="r")
+
+
+def read_volume_group(store: str | Path, volume_id: str) -> tuple[dict[str, np.ndarray], dict]:
+    """Read a volume group's arrays and attributes (for tests and small tools)."""
+    group = open_volume(store, volume_id)
     arrays = {name: arr[...] for name, arr in group.arrays()}
     return arrays, dict(group.attrs)
+
+
+#: Per-array attributes of a prepared volume's group.
+_ARRAY_ATTRS: dict[str, dict[str, object]] = {
+    "image": {"axes": ["z", "y", "x"], "range": [-1, 1]},
+    "layers": {"names": ["ILM", "BM"], "axes": ["layer", "z", "x"], "units": "row (pixel centre)"},
+    "flat": {"axes": ["z", "y", "x"], "range": [-1, 1]},
+    "flatmap": {"names": ["bm_ref", "scale"], "axes": ["param", "z", "x"]},
+}
+
+#: Volume attributes that :func:`write_prepared` derives from the :class:`PreparedVolume`'s own
+#: fields; its ``info`` may not set them. ``source_path`` never reaches a store.
+_OWN_KEYS = frozenset({"shape", "source_shape", "source_spacing_mm", "spacing_mm", "spacing_source", "laterality",
+                       "bscan_order", "annotated", "column_factor", "flatten", "display_range", "qc", "preprocess",
+                       "preprocessing_notes", "octpipe_version", "status", "ome", "source_path"})
+
+
+def prepared_attrs(prepared: PreparedVolume) -> dict[str, Any]:
+    """The volume attributes a store records for a prepared volume (JSON-ready; key names are the layout's).
+
+    ``info`` entries come first, the fields' own keys after them (``info`` cannot override
+    them); the in-memory ``source_path`` is never among them.
+    """
+    info = {k: v for k, v in prepared.info.items() if k not in _OWN_KEYS}
+    attrs: dict[str, Any] = {
+        **info,
+        "source_shape": [int(n) for n in prepared.source_shape],
+        "shape": [int(n) for n in prepared.image.shape],
+        "source_spacing_mm": [float(v) for v in prepared.spacing_mm],
+        "spacing_mm": [float(v) for v in prepared.stored_spacing_mm],
+        "spacing_source": prepared.spacing_source,
+        "laterality": prepared.laterality, "bscan_order": prepared.bscan_order,
+        "annotated": prepared.mask is not None,
+        "column_factor": int(prepared.factor),
+        "flatten": prepared.flatten_geometry,
+        "display_range": [float(v) for v in prepared.display_range],
+        "qc": prepared.qc,
+        "preprocess": prepared.preprocess,
+        "octpipe_version": __version__,
+    }
+    if prepared.notes:
+        attrs["preprocessing_notes"] = list(prepared.notes)
+    return attrs
+
+
+def write_prepared(store: str | Path, prepared: PreparedVolume, *, overwrite: bool = False) -> bool:
+    """Write a prepared volume as the group ``volumes/<prepared.volume_id>`` (atomically; :func:`write_volume`).
+
+    Parameters
+    ----------
+    store : str or Path
+        An existing store (see :func:`open_store`).
+    prepared : PreparedVolume
+        The volume, with its store id (:func:`octpipe.privacy.volume_id` with the store's salt).
+    overwrite : bool
+        Replace an existing group of this id. Otherwise an existing one is kept.
+
+    Returns
+    -------
+    bool
+        True when written, False when a complete group of this id already existed.
+
+    Raises
+    ------
+    ValueError
+        ``prepared`` has no volume id.
+    """
+    if not prepared.volume_id:
+        raise ValueError("the prepared volume has no volume_id")
+    arrays: dict[str, npt.NDArray] = {"image": prepared.image, "layers": prepared.layers, "flat": prepared.flat,
+                                      "flatmap": prepared.flatmap}
+    array_attrs = {k: dict(v) for k, v in _ARRAY_ATTRS.items()}
+    array_attrs["layers"]["source"] = prepared.qc.get("source", "")
+    if prepared.mask is not None:
+        arrays["mask"] = prepared.mask
+    if prepared.valid is not None:
+        arrays["valid"] = prepared.valid
+    return write_volume(store, prepared.volume_id, arrays, prepared_attrs(prepared), array_attrs=array_attrs,
+                        overwrite=overwrite)
+
+
+def _tuple3(value: object, cast: type) -> tuple:
+    return tuple(cast(v) for v in value)  # type: ignore[attr-defined]
+
+
+def read_prepared(store: str | Path, volume_id: str) -> PreparedVolume:
+    """A stored volume as the :class:`~octpipe.preprocess.prepare.PreparedVolume` that was written.
+
+    Reads every layout version-1 store: attributes added since the first preprocessing
+    stores (``ome``, ``file_spacing_mm``, ``images``, ``preprocessing_notes``...) may be
+    missing, and are then taken as absent. Attributes other than the volume's own fields
+    land in ``info``.
+
+    Raises
+    ------
+    OctpipeError
+        No such volume, or it was ingested without preprocessing (no ``flat``/``flatmap``).
+    """
+    from octpipe.preprocess.prepare import PreparedVolume
+
+    arrays, attrs = read_volume_group(store, volume_id)
+    missing = [k for k in ("image", "layers", "flat", "flatmap") if k not in arrays]
+    if missing or "flatten" not in attrs:
+        what = ", ".join(missing) or "its flattening record"
+        raise OctpipeError(f"volume {volume_id} lacks {what} (ingest it with preprocessing)", store)
+    factor = int(attrs.get("column_factor", 1))
+    image = np.asarray(arrays["image"], np.float32)
+    geometry = attrs["flatten"]
+    info = {k: v for k, v in attrs.items() if k not in _OWN_KEYS}
+    return PreparedVolume(
+        image=image, layers=np.asarray(arrays["layers"], np.float32), flat=np.asarray(arrays["flat"], np.float32),
+        flatmap=np.asarray(arrays["flatmap"], np.float32),
+        mask=None if arrays.get("mask") is None else np.asarray(arrays["mask"]),
+        factor=factor, height=int(geometry["height"]), bm_row=int(geometry["bm_row"]),
+        display_range=_tuple3(attrs.get("display_range", (0.0, 1.0)), float), qc=dict(attrs.get("qc") or {}),
+        spacing_mm=_tuple3(attrs["source_spacing_mm"], float),
+        spacing_source=str(attrs.get("spacing_source", "default")), volume_id=volume_id,
+        source_shape=_tuple3(attrs["source_shape"], int),
+        laterality=attrs.get("laterality"), bscan_order=attrs.get("bscan_order"),
+        preprocess=dict(attrs.get("preprocess") or {}), valid=arrays.get("valid"),
+        notes=tuple(attrs.get("preprocessing_notes", ())), info=info,
+    )
 
 
 @contextmanager

@@ -35,6 +35,10 @@ def test_demo_runs_every_stage_on_phantoms(tmp_path):
     assert (tmp_path / "export" / "index.html").is_file()
     dicom_volume = next(r for r in export["ranked"] if r["format"] == "dicom")["volume_id"]
     assert (tmp_path / "export" / dicom_volume / "dicom" / "anomaly-map-pm.dcm").is_file()
+    # the demo is its run file: the steps after the export (the evaluation) ran too
+    assert summary["run_file"].endswith("pipelines/demo.yaml")
+    assert summary["stages"]["evaluate"]["folder"] == str(tmp_path / "evaluate")
+    assert any((tmp_path / "evaluate").iterdir())
 
 
 def test_demo_command_refuses_existing_output(tmp_path, capsys):
@@ -55,3 +59,20 @@ def test_demo_overwrite_never_removes_a_folder_it_did_not_write(tmp_path, capsys
 def test_demo_help_names_the_export_stage(capsys):
     assert main(["demo", "--help"]) == 0
     assert "anomaly export" in capsys.readouterr().out
+
+
+def test_the_demo_runs_the_steps_of_its_run_file(tmp_path):
+    from octpipe.cli.run import check_steps, load_run_file
+    from octpipe.demo import BUNDLED_MODEL, DEMO_RUN_FILE, demo_steps
+
+    _, in_file = load_run_file(DEMO_RUN_FILE)
+    steps = demo_steps(tmp_path, n=2, seed=3, shape=(3, 248, 256), workers=0)
+    assert [c for c, _ in steps] == [c for c, _ in in_file]
+    assert "demo-run" not in repr(steps)  # the run file's folder is the demo's output folder
+    phantom = dict(steps)["phantom"]
+    assert phantom["out"] == str(tmp_path / "phantoms") and phantom["n"] == 2 and phantom["shape"] == "3,248,256"
+    export = dict(steps)["export"]
+    assert export["model"] == str(BUNDLED_MODEL) and export["source"] == str(tmp_path / "store.zarr")
+    assert all(o.get("workers") == 0 for c, o in steps if c in ("ingest", "patches", "export"))
+    lines = check_steps(steps, DEMO_RUN_FILE.name)  # the same checks as octpipe run
+    assert [argv[0] for argv in lines] == [c for c, _ in in_file]

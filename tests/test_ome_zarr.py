@@ -169,8 +169,8 @@ def _make_old_style(store, tmp_path):
 
 
 def test_stores_without_ome_attributes_still_read(store, tmp_path):
-    from octpipe.export.run import store_volume_input
     from octpipe.patches import write_patch_split
+    from octpipe.store import read_prepared
 
     old = _make_old_style(store, tmp_path)
     vids = volume_ids(old)
@@ -182,7 +182,7 @@ def test_stores_without_ome_attributes_still_read(store, tmp_path):
         new_arrays, _ = read_volume_group(store, vid)
         assert set(arrays) == set(new_arrays)
         np.testing.assert_array_equal(arrays["image"], new_arrays["image"])
-        assert store_volume_input(old, vid).image.shape == tuple(attrs["shape"])
+        assert read_prepared(old, vid).image.shape == tuple(attrs["shape"])
     # a rerun skips the old volumes as complete; a new input lands beside them with OME metadata
     src = store.parent / "src"
     assert ingest([src], old, workers=0).counts["ok"] == 0

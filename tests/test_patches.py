@@ -68,7 +68,7 @@ import zarr  # noqa: E402
 from octpipe.errors import OctpipeError  # noqa: E402
 from octpipe.patches import write_patch_split  # noqa: E402
 from octpipe.pipeline import ingest  # noqa: E402
-from octpipe.store import read_volume_attrs, volume_ids  # noqa: E402
+from octpipe.store import open_patch_split, read_volume_attrs, volume_ids  # noqa: E402
 from octpipe.testing.phantom_files import write_phantom_files  # noqa: E402
 from tests.conftest import small_phantom  # noqa: E402
 
@@ -147,21 +147,32 @@ def test_patch_errors(store, tmp_path):
     assert not (store / "patches" / "train-k0").exists()
 
 
-def test_torch_datasets_stream_patches(store):
-    import torch
-
-    from octpipe.models.data import ChunkedPatchStream, PatchDataset
+def test_the_patch_stream_reads_every_patch(store):
+    """The one patch stream (what training reads): random access, a whole epoch, two processes."""
+    from octpipe.models.data import BatchStream, PatchSource
+    from octpipe.models.fanogan.runtime import Dist
 
     write_patch_split(store, "test", workers=0, overwrite=True)
-    ds = PatchDataset(store, "test", return_index=True)
-    x, label, index = ds[5]
-    assert x.shape == (1, 64, 64) and x.dtype == torch.float32 and index.shape == (4,)
-    loader = torch.utils.data.DataLoader(ChunkedPatchStream(store, "test", seed=1), batch_size=16,
-                                         num_workers=2)
-    seen = sum(len(batch[0]) for batch in loader)
-    assert seen == len(ds)
-    first = next(iter(ChunkedPatchStream(store, "test", shuffle=False)))
-    np.testing.assert_array_equal(first[0].numpy(), ds[0][0].numpy())
+    source = PatchSource(store, "test")
+    x = source.read(np.array([5]))
+    assert x.shape == (1, 64, 64) and x.dtype == np.float32 and source.index[5].shape == (4,)
+    stored = open_patch_split(store, "test")
+    np.testing.assert_array_equal(x[0], stored["x"][5].astype(np.float32))
+    np.testing.assert_array_equal(source.index, stored["index"][...])
+    # two processes (ranks) take disjoint halves of each global batch: one epoch sees every patch
+    # once, but the last incomplete global batch
+    batch = 4
+    ranks = [BatchStream(source, np.arange(source.n), batch_size=batch, d=Dist(r, 2), seed=1, stream=1,
+                         hflip=False, window=2) for r in range(2)]
+    order, _ = ranks[0]._epoch_order(0)
+    seen = []
+    for _ in range(source.n // (2 * batch)):
+        for r in ranks:
+            seen.append(r.next()[:, 0])
+    seen = np.concatenate(seen)
+    assert len(seen) == source.n - source.n % (2 * batch) and all(r.state()["epoch"] == 0 for r in ranks)
+    np.testing.assert_array_equal(seen, source.read(order[:len(seen)]))
+    assert sorted(order.tolist()) == list(range(source.n))
 
 
 def test_patches_command(store, capsys):

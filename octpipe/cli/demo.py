@@ -29,7 +29,8 @@ def demo(
     (normalise, downsample, ILM/BM, flatten) into a Zarr store -> train/test patch
     datasets -> figure of a phantom B-scan with its truth -> anomaly export (maps, DICOM,
     NIfTI, report, screening index) of a healthy and a diseased phantom with the bundled
-    model.
+    model -> patch- and pixel-level evaluation. The steps are those of pipelines/demo.yaml,
+    run as octpipe run runs them, with its demo-run/ folder as the output folder.
 
     Example: octpipe demo -o demo-output
     """

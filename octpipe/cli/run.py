@@ -127,6 +127,35 @@ def _check(command: str, argv: list[str], where: str) -> None:
         raise typer.BadParameter(f"{where} ({command}): {exc.format_message()}", param_hint="FILE") from None
 
 
+def check_steps(steps: list[tuple[str, dict[str, Any]]], label: str) -> list[list[str]]:
+    """The command line of every step, each checked as its command would (usage errors name the step)."""
+    lines = []
+    for number, (command, options) in enumerate(steps, start=1):
+        where = f"{label} step {number}"
+        argv = step_argv(command, options, where)
+        _check(command, argv, where)
+        lines.append(argv)
+    return lines
+
+
+def run_step(argv: list[str], *, verbosity: int | None = None, progress: bool | None = None) -> int:
+    """Run one step's command line as ``octpipe`` would; return its exit code.
+
+    The step runs with this run's verbosity and progress (or the ones given) and they are
+    restored after it (each step's ``main`` resets them).
+    """
+    from octpipe.cli import main
+
+    old = state["verbosity"], state["progress"]
+    verbosity = old[0] if verbosity is None else verbosity
+    progress = old[1] if progress is None else progress
+    flags = ["-v"] * max(verbosity, 0) + ["-q"] * max(-verbosity, 0) + ([] if progress else ["--no-progress"])
+    try:
+        return main([*flags, *argv])
+    finally:
+        state["verbosity"], state["progress"] = old
+
+
 @app.command()
 def run(
     file: Path = typer.Argument(..., help="A run file (pipelines/NAME.yaml) with run: and steps:."),
@@ -141,27 +170,19 @@ def run(
 
     Example: octpipe run pipelines/demo.yaml
     """
-    from octpipe.cli import main
     from octpipe.errors import OctpipeError
 
     if not file.is_file():
         raise OctpipeError("no such run file", file)
     name, steps = load_run_file(file)
-    lines = []
-    for number, (command, options) in enumerate(steps, start=1):
-        where = f"{file.name} step {number}"
-        argv = step_argv(command, options, where)
-        _check(command, argv, where)
-        lines.append(argv)
-    verbosity, progress = state["verbosity"], state["progress"]
-    flags = (["-v"] * max(verbosity, 0) + ["-q"] * max(-verbosity, 0) + ([] if progress else ["--no-progress"]))
+    lines = check_steps(steps, file.name)
+    verbosity = state["verbosity"]
     for number, argv in enumerate(lines, start=1):
         if verbosity >= 0:
             typer.echo(f"[{number}/{len(lines)}] octpipe {' '.join(argv)}")
         if dry_run:
             continue
-        code = main([*flags, *argv])
-        state["verbosity"], state["progress"] = verbosity, progress  # each step's main() resets them
+        code = run_step(argv)
         if code != 0:
             typer.echo(f"error: {file.name}: run {name} stopped at step {number} ({argv[0]}), exit code {code}",
                        err=True)

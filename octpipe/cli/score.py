@@ -33,7 +33,7 @@ def score(
 
     Example: octpipe score cohort.zarr --model runs/fanogan --split test -o scores.csv
     """
-    from octpipe.models.fanogan.score import score_store
+    from octpipe.models.fanogan.store_scores import score_store
 
     if device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter(f"must be auto, cpu or cuda, got {device!r}", param_hint="--device")

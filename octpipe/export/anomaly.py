@@ -34,9 +34,10 @@ from octpipe.models.fanogan.score import SCORE_NAMES, calibration_percentile, sc
 from octpipe.patches import extract_patches
 from octpipe.preprocess.blocks import slabs
 from octpipe.preprocess.flatten import flatten_image
+from octpipe.preprocess.prepare import PreparedVolume
 from octpipe.preprocess.resample import upsample_columns
 
-__all__ = ["MapSettings", "VolumeInput", "VolumeAnomaly", "compute_anomaly", "volume_input_from_arrays"]
+__all__ = ["MapSettings", "VolumeAnomaly", "compute_anomaly"]
 
 
 @dataclass(frozen=True)
@@ -71,58 +72,6 @@ class MapSettings:
             raise OctpipeError(f"stride must be >= 1, got {self.stride}")
         if self.batch_size is not None and self.batch_size < 1:
             raise OctpipeError(f"batch size must be >= 1, got {self.batch_size}")
-
-
-@dataclass(frozen=True)
-class VolumeInput:
-    """One prepared volume and what the export needs to know about its source.
-
-    Attributes
-    ----------
-    volume_id : str
-        Pseudonymous id.
-    image, layers, flat, flatmap : ndarray
-        As in the store (downsampled grid).
-    mask : ndarray or None
-        Lesion labels on the downsampled grid, when annotated.
-    attrs : dict
-        The store's volume attributes (``source_shape``, ``source_spacing_mm``, ``laterality``,
-        ``bscan_order``, ``column_factor``, ``flatten``, ``format``, ``source``...).
-    """
-
-    volume_id: str
-    image: np.ndarray
-    layers: np.ndarray
-    flat: np.ndarray
-    flatmap: np.ndarray
-    mask: np.ndarray | None
-    attrs: dict[str, Any]
-
-    @property
-    def source_shape(self) -> tuple[int, int, int]:
-        """``(n_bscans, n_axial, n_ascans)`` of the source file."""
-        return tuple(int(v) for v in self.attrs["source_shape"])  # type: ignore[return-value]
-
-    @property
-    def factor(self) -> int:
-        """Column downsampling factor."""
-        return int(self.attrs.get("column_factor", 1))
-
-    @property
-    def bm_row(self) -> int:
-        """Row of BM in the flattened area."""
-        return int(self.attrs["flatten"]["bm_row"])
-
-
-def volume_input_from_arrays(volume_id: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> VolumeInput:
-    """A :class:`VolumeInput` from a store group's arrays and attributes."""
-    missing = [k for k in ("image", "layers", "flat", "flatmap") if k not in arrays]
-    if missing:
-        raise OctpipeError(f"volume {volume_id} lacks {', '.join(missing)} (ingest it with preprocessing)")
-    return VolumeInput(volume_id=volume_id, image=np.asarray(arrays["image"], np.float32),
-                       layers=np.asarray(arrays["layers"], np.float32), flat=np.asarray(arrays["flat"], np.float32),
-                       flatmap=np.asarray(arrays["flatmap"], np.float32),
-                       mask=None if arrays.get("mask") is None else np.asarray(arrays["mask"]), attrs=dict(attrs))
 
 
 @dataclass
@@ -178,13 +127,14 @@ def _check_fit(model: FAnoGANModel, flat: np.ndarray, volume_id: str) -> None:
                            f"than the model's {size}x{size} patches")
 
 
-def compute_anomaly(vol: VolumeInput, model: FAnoGANModel, settings: MapSettings | None = None) -> VolumeAnomaly:
+def compute_anomaly(vol: PreparedVolume, model: FAnoGANModel, settings: MapSettings | None = None) -> VolumeAnomaly:
     """Score every window of a volume and build its anomaly maps (module docstring).
 
     Parameters
     ----------
-    vol : VolumeInput
-        The prepared volume.
+    vol : PreparedVolume
+        The prepared volume (:func:`~octpipe.preprocess.prepare.prepare_volume`, or
+        :func:`octpipe.store.read_prepared`).
     model : FAnoGANModel
         A trained model with an encoder (``load_run``).
     settings : MapSettings, optional
@@ -249,7 +199,7 @@ def compute_anomaly(vol: VolumeInput, model: FAnoGANModel, settings: MapSettings
                          summary=summary)
 
 
-def _summary(vol: VolumeInput, scores: dict[str, np.ndarray], window_retina: np.ndarray, residual: np.ndarray,
+def _summary(vol: PreparedVolume, scores: dict[str, np.ndarray], window_retina: np.ndarray, residual: np.ndarray,
              inside: np.ndarray, calibration: dict[str, Any] | None, settings: MapSettings) -> dict[str, Any]:
     retinal = window_retina >= 0.5
     a = scores["A"][retinal] if retinal.any() else scores["A"]

@@ -47,7 +47,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,11 +57,13 @@ import numpy as np
 from octpipe import __version__
 from octpipe.edge import folder_lock, run_tasks, staged_dir
 from octpipe.errors import OctpipeError
-from octpipe.export.anomaly import MapSettings, VolumeAnomaly, VolumeInput, compute_anomaly, volume_input_from_arrays
+from octpipe.export.anomaly import MapSettings, VolumeAnomaly, compute_anomaly
 from octpipe.export.enface import enface_projections, etdrs_labels, find_fovea, physical_coordinates, sector_table
 from octpipe.export.figures import write_enface_figure, write_gif, write_overlays
 from octpipe.models.fanogan.checkpoint import load_run, preprocessing_differences
 from octpipe.models.fanogan.model import FAnoGANModel
+from octpipe.preprocess.prepare import PreparedVolume
+from octpipe.privacy import volume_id as _volume_id
 
 if TYPE_CHECKING:
     from octpipe.preprocess.prepare import PreprocessConfig
@@ -218,22 +220,22 @@ def _dicom_files_by_content(root: Path) -> dict[str, Path]:
     return _DICOM_BY_CONTENT[root]
 
 
-def _source_dicom(vol: VolumeInput, source_root: Path | None) -> Path | None:
+def _source_dicom(vol: PreparedVolume, source_root: Path | None) -> Path | None:
     """The source DICOM file, when the volume came from one and it can be found.
 
     Under ``source_root`` the file is found by its content (the sha256 the store records), so
     the folder given to ingest, its parent, or any folder holding the files works, and so does
     a store whose paths are hashed.
     """
-    if not str(vol.attrs.get("format") or "").startswith("dicom"):
+    if not str(vol.info.get("format") or "").startswith("dicom"):
         return None
-    src = vol.attrs.get("source_path")
+    src = vol.source_path
     if src is None and source_root is not None:
-        src = _dicom_files_by_content(Path(source_root)).get(str(vol.attrs.get("sha256", "")))
+        src = _dicom_files_by_content(Path(source_root)).get(str(vol.info.get("sha256", "")))
     return Path(src) if src and Path(src).is_file() else None
 
 
-def export_volume(vol: VolumeInput, model: FAnoGANModel, out_dir: str | Path, *,
+def export_volume(vol: PreparedVolume, model: FAnoGANModel, out_dir: str | Path, *,
                   settings: MapSettings | None = None, dicom: bool = True, report: bool = True,
                   source_root: str | Path | None = None) -> dict[str, Any]:
     """Compute and write every output of one volume (module docstring); returns its summary.
@@ -252,11 +254,10 @@ def export_volume(vol: VolumeInput, model: FAnoGANModel, out_dir: str | Path, *,
             ThreadPoolExecutor(max_workers=2, thread_name_prefix="octpipe-export") as writers:
         result = compute_anomaly(vol, model, settings)
         t_model = time.perf_counter() - t0
-        attrs = vol.attrs
-        source_spacing = tuple(float(v) for v in attrs["source_spacing_mm"])
+        source_spacing = tuple(float(v) for v in vol.spacing_mm)
         spacing, geometry_note = geometry_spacing(source_spacing)
-        laterality = attrs.get("laterality")
-        order = attrs.get("bscan_order")
+        laterality = vol.laterality
+        order = vol.bscan_order
         centre = find_fovea(result.layers[0], result.layers[1], spacing)
         mx, mean = enface_projections(result.residual, result.inside)
         _, y_mm = physical_coordinates(mx.shape, spacing, centre, laterality, order)
@@ -289,10 +290,10 @@ def export_volume(vol: VolumeInput, model: FAnoGANModel, out_dir: str | Path, *,
         identity = model_identity(model)
         summary = dict(result.summary)
         summary.update({
-            "status": "ok", "laterality": laterality, "bscan_order": order, "source_format": attrs.get("format"),
-            "label": attrs.get("label"), "qc_flags": list(attrs.get("qc", {}).get("flags", [])),
+            "status": "ok", "laterality": laterality, "bscan_order": order, "source_format": vol.info.get("format"),
+            "label": vol.info.get("label"), "qc_flags": list(vol.qc.get("flags", [])),  # type: ignore[call-overload]
             "fovea": centre.to_dict(), "sectors": sectors, "enface_note": enface_note,
-            "geometry_note": geometry_note, "preprocessing_notes": list(attrs.get("preprocessing_notes", [])),
+            "geometry_note": geometry_note, "preprocessing_notes": list(vol.notes),
             "most_anomalous_bscans": _top_bscans(result, 4),
         })
         sidecar = {
@@ -304,14 +305,14 @@ def export_volume(vol: VolumeInput, model: FAnoGANModel, out_dir: str | Path, *,
                      "source.nii.gz": "the volume as the model saw it (display domain, [0, 1])"},
             "axes": "NIfTI i = lateral (A-scan), j = B-scan, k = depth (-axial); see octpipe.io.nifti",
             "laterality": laterality, "bscan_order": order, "spacing_mm": list(source_spacing),
-            "spacing_source": attrs.get("spacing_source"),
+            "spacing_source": vol.spacing_source,
             "geometry_spacing_mm": list(spacing), "geometry_note": geometry_note, "enface_note": enface_note,
             "source_shape": list(vol.source_shape), "column_factor": vol.factor,
-            "flattening": {**attrs.get("flatten", {}), "preprocess": attrs.get("preprocess")},
-            "preprocessing": {"applied": attrs.get("preprocess"), "model": model.preprocess_config().to_dict(),
+            "flattening": {**vol.flatten_geometry, "preprocess": vol.preprocess or None},
+            "preprocessing": {"applied": vol.preprocess or None, "model": model.preprocess_config().to_dict(),
                               "model_source": model.preprocess_source,
                               "model_flatten": (model.preprocess or {}).get("flatten"),
-                              "notes": list(attrs.get("preprocessing_notes", []))},
+                              "notes": list(vol.notes)},
             "windows": {"size": model.image_size, "stride": settings.stride, "weighting": settings.weighting},
             "precision": settings.precision, "summary": result.summary,
         }
@@ -339,12 +340,12 @@ def _top_bscans(result: VolumeAnomaly, k: int) -> list[int]:
     return [int(i) for i in np.argsort(-best, kind="stable")[:k]]
 
 
-def _write_dicom(out: Path, vol: VolumeInput, result: VolumeAnomaly, settings: MapSettings,
+def _write_dicom(out: Path, vol: PreparedVolume, result: VolumeAnomaly, settings: MapSettings,
                  spacing: tuple[float, float, float], source_root: Path | None, frames: np.ndarray) -> dict[str, Any]:
     from octpipe.export.dicom import write_dicom_exports
 
     got = write_dicom_exports(out / "dicom", anomaly_map=result.residual, threshold=settings.threshold_z,
-                              spacing_mm=spacing, laterality=vol.attrs.get("laterality"), pseudonym=vol.volume_id,
+                              spacing_mm=spacing, laterality=vol.laterality, pseudonym=vol.volume_id,
                               source_dicom=_source_dicom(vol, source_root), overlays=frames)
     return {"files": [Path(p).relative_to(out).as_posix() for p in got.paths], "note": got.note}
 
@@ -369,35 +370,20 @@ def _prepare_error(exc: Exception, path: Path) -> OctpipeError:
 
 
 def _prepared_input(vol: Any, config: PreprocessConfig, *, path: Path, sha: str, series: int,
-                    notes: Sequence[str] = ()) -> VolumeInput:
+                    notes: Sequence[str] = ()) -> PreparedVolume:
+    """One series prepared for export: its id from the source's hash, the path kept in memory only."""
     from octpipe.preprocess.prepare import prepare_volume
-    from octpipe.privacy import pseudonymous_id
 
     try:
-        prepared = prepare_volume(vol, config)
+        prepared = prepare_volume(vol, config, volume_id=_volume_id(sha, series))
     except (OctpipeError, ValueError, ArithmeticError, IndexError) as exc:
         raise _prepare_error(exc, path) from exc
     # the spacing preprocessing used (estimated from the retina when the file has none), else the file's
-    spacing = tuple(float(v) for v in getattr(prepared, "spacing_mm", None) or vol.spacing_mm)
-    spacing_source = getattr(prepared, "spacing_source", None) or vol.spacing_source
+    spacing = prepared.spacing_mm
     if len(spacing) != 3 or not all(np.isfinite(spacing)) or min(spacing[1:]) <= 0:
-        spacing, spacing_source = tuple(float(v) for v in vol.spacing_mm), vol.spacing_source
-    attrs = {
-        "format": vol.provenance.format if vol.provenance else None,
-        "source_path": str(path),  # in memory only: never written (file names can carry names)
-        "source_shape": list(vol.shape),
-        "source_spacing_mm": list(spacing),
-        "spacing_source": spacing_source,
-        "laterality": vol.laterality,
-        "bscan_order": vol.bscan_order,
-        "column_factor": prepared.factor,
-        "flatten": {"height": prepared.height, "bm_row": prepared.bm_row},
-        "preprocess": json.loads(json.dumps(config.to_dict())),
-        "preprocessing_notes": list(notes),
-        "qc": prepared.qc,
-    }
-    return VolumeInput(volume_id=pseudonymous_id(sha, series), image=prepared.image, layers=prepared.layers,
-                       flat=prepared.flat, flatmap=prepared.flatmap, mask=prepared.mask, attrs=attrs)
+        prepared = replace(prepared, spacing_mm=tuple(float(v) for v in vol.spacing_mm),
+                           spacing_source=vol.spacing_source)
+    return replace(prepared, notes=(*prepared.notes, *notes), source_path=path)
 
 
 def _read_source(path: Path, *, format: str | None = None, spacing: Spacing | None = None) -> tuple[list, str]:
@@ -432,7 +418,7 @@ def _folder_digest(folder: Path) -> str:
 
 def file_volume_inputs(path: str | Path, *, config: PreprocessConfig | None = None, spacing: Spacing | None = None,
                        format: str | None = None, skip: Callable[[str], bool] | None = None,
-                       notes: Sequence[str] = ()) -> tuple[list[VolumeInput], list[str]]:
+                       notes: Sequence[str] = ()) -> tuple[list[PreparedVolume], list[str]]:
     """Read every series of an OCT file (or B-scan folder) and prepare it as the model's training data was.
 
     Parameters
@@ -453,7 +439,7 @@ def file_volume_inputs(path: str | Path, *, config: PreprocessConfig | None = No
 
     Returns
     -------
-    inputs : list of VolumeInput
+    inputs : list of PreparedVolume
         The prepared series not skipped.
     skipped : list of str
         Volume ids left out by ``skip``.
@@ -464,23 +450,22 @@ def file_volume_inputs(path: str | Path, *, config: PreprocessConfig | None = No
         One line naming the file: unreadable, or preprocessing failed (e.g. ``no retina found``).
     """
     from octpipe.preprocess.prepare import PreprocessConfig
-    from octpipe.privacy import pseudonymous_id
 
     p = Path(path)
     config = config or PreprocessConfig()
     volumes, sha = _read_source(p, format=format, spacing=spacing)
-    out: list[VolumeInput] = []
+    out: list[PreparedVolume] = []
     skipped: list[str] = []
     for series, vol in enumerate(volumes):
-        if skip is not None and skip(pseudonymous_id(sha, series)):
-            skipped.append(pseudonymous_id(sha, series))
+        if skip is not None and skip(_volume_id(sha, series)):
+            skipped.append(_volume_id(sha, series))
             continue
         out.append(_prepared_input(vol, config, path=p, sha=sha, series=series, notes=notes))
     return out, skipped
 
 
 def file_volume_input(path: str | Path, *, series: int = 0, config: PreprocessConfig | None = None,
-                      spacing: Spacing | None = None) -> VolumeInput:
+                      spacing: Spacing | None = None) -> PreparedVolume:
     """Read and prepare one series of an OCT file exactly as ``octpipe ingest`` does with ``config``.
 
     Parameters
@@ -506,14 +491,6 @@ def file_volume_input(path: str | Path, *, series: int = 0, config: PreprocessCo
     if not 0 <= series < len(volumes):
         raise OctpipeError(f"no series {series}: the file holds {len(volumes)}", p)
     return _prepared_input(volumes[series], config or PreprocessConfig(), path=p, sha=sha, series=series)
-
-
-def store_volume_input(store: str | Path, volume_id: str) -> VolumeInput:
-    """One complete volume of a store as a :class:`VolumeInput`."""
-    from octpipe.store import read_volume_group
-
-    arrays, attrs = read_volume_group(store, volume_id)
-    return volume_input_from_arrays(volume_id, arrays, attrs)
 
 
 def _is_done(out_dir: Path, volume_id: str) -> bool:
@@ -549,25 +526,21 @@ def _model_notes(model: FAnoGANModel) -> list[str]:
     return []
 
 
-def _flatten_notes(vol: VolumeInput, model: FAnoGANModel) -> list[str]:
+def _flatten_notes(vol: PreparedVolume, model: FAnoGANModel) -> list[str]:
     """A remark when the flattened area's rows differ from the training data's (another axial spacing)."""
     want = (model.preprocess or {}).get("flatten")
-    have = vol.attrs.get("flatten") or {}
-    if not want or not have or (want.get("height"), want.get("bm_row")) == (have.get("height"), have.get("bm_row")):
+    have = vol.flatten_geometry
+    if not want or (want.get("height"), want.get("bm_row")) == (have.get("height"), have.get("bm_row")):
         return []
     return [f"flattened area {have.get('height')} rows (BM at {have.get('bm_row')}) vs the training data's "
             f"{want.get('height')} (BM at {want.get('bm_row')}): the axial spacing differs from the training data"]
 
 
-def _with_notes(vol: VolumeInput, notes: list[str]) -> VolumeInput:
-    if not notes:
-        return vol
-    attrs = dict(vol.attrs)
-    attrs["preprocessing_notes"] = [*attrs.get("preprocessing_notes", []), *notes]
-    return VolumeInput(vol.volume_id, vol.image, vol.layers, vol.flat, vol.flatmap, vol.mask, attrs)
+def _with_notes(vol: PreparedVolume, notes: list[str]) -> PreparedVolume:
+    return replace(vol, notes=(*vol.notes, *notes)) if notes else vol
 
 
-def _export_one(vol: VolumeInput, model: FAnoGANModel, out: Path, settings: MapSettings, path: Path,
+def _export_one(vol: PreparedVolume, model: FAnoGANModel, out: Path, settings: MapSettings, path: Path,
                 source_root: str | Path | None = None) -> dict[str, Any]:
     """:func:`export_volume`, its failures as one-line errors naming the source."""
     try:
@@ -704,13 +677,12 @@ def export_path(source: str | Path, model_dir: str | Path, out_dir: str | Path, 
 def _input_id(path: Path) -> str:
     """The volume id a failed input is listed under (series 0 of its content hash)."""
     from octpipe.io._common import file_sha256
-    from octpipe.privacy import pseudonymous_id
 
     try:
         sha = file_sha256(path) if path.is_file() else _folder_digest(path)
     except OSError:
         sha = _folder_digest(path.parent) + path.name
-    return pseudonymous_id(sha, 0)
+    return _volume_id(sha, 0)
 
 
 def _export_inputs(folder: Path, inputs: list[Any], rows: list[dict[str, object]], model_dir: str | Path,
@@ -806,8 +778,10 @@ def check_store_preprocessing(store: str | Path, volume_ids: Sequence[str], mode
     return out
 
 
-def _store_volume(store: str | Path, volume_id: str, model: FAnoGANModel, notes: Sequence[str]) -> VolumeInput:
-    vol = store_volume_input(store, volume_id)
+def _store_volume(store: str | Path, volume_id: str, model: FAnoGANModel, notes: Sequence[str]) -> PreparedVolume:
+    from octpipe.store import read_prepared
+
+    vol = read_prepared(store, volume_id)
     return _with_notes(vol, [*notes, *_flatten_notes(vol, model)])
 
 

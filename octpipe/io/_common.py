@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from octpipe.errors import OctpipeError
-from octpipe.privacy import pseudonymous_id
+from octpipe.privacy import volume_id
 from octpipe.volume import Provenance
 
-__all__ = ["file_sha256", "make_provenance", "volume_id_for", "check_writable", "atomic_output",
+__all__ = ["file_sha256", "make_provenance", "check_writable", "atomic_output",
            "check_uint8_volume", "BoundedReader", "DEFLATE_MAX_RATIO"]
 
 #: Largest expansion of deflate (zlib, gzip, PNG) data: 1032 output bytes per input byte.
@@ -65,21 +65,12 @@ def file_sha256(paths: str | Path | Iterable[str | Path]) -> str:
     return digest.hexdigest()
 
 
-def volume_id_for(sha256: str, series: int = 0) -> str:
-    """Pseudonymous volume id from the source hash and series index.
-
-    The id depends on the file's content only, never on a patient field, so it
-    is stable across copies and renames and reveals nothing about the patient.
-    """
-    return pseudonymous_id(sha256, series, prefix="v", length=16)
-
-
 def make_provenance(path: str | Path, *, reader: str, format: str, series: int = 0,
                     sha256: str | None = None) -> tuple[Provenance, str]:
     """Return ``(Provenance, volume_id)`` for a source file or folder listing."""
     digest = sha256 if sha256 is not None else file_sha256(path)
     prov = Provenance(path=str(path), sha256=digest, reader=reader, format=format, series=series)
-    return prov, volume_id_for(digest, series)
+    return prov, volume_id(digest, series)
 
 
 def check_writable(path: str | Path, *, overwrite: bool) -> Path:

@@ -9,7 +9,10 @@ else octpipe's segmentation) -> flattening to BM. The result, a
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -99,7 +102,11 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class PreparedVolume:
-    """A volume ready for patches: normalised, downsampled, segmented and flattened.
+    """One volume ready for patches and maps: its arrays, where they came from and how they were made.
+
+    The one shape of a prepared volume: :func:`prepare_volume` makes it, the store keeps it
+    (:func:`octpipe.store.write_prepared` / :func:`octpipe.store.read_prepared`, which own
+    the attribute names on disk) and the export maps it.
 
     Attributes
     ----------
@@ -114,6 +121,18 @@ class PreparedVolume:
     qc : dict, quality flags from segmentation and flattening
     spacing_mm : (float, float, float), the source-grid spacing used (z, y, x) in mm
     spacing_source : str, where it came from (``file``, ``user``, ``estimated``, ``default``)
+    volume_id : str, the pseudonymous id (:func:`octpipe.privacy.volume_id`; a store's is salted)
+    source_shape : (int, int, int), ``(n_bscans, n_axial, n_ascans)`` of the source
+    laterality : {"OD", "OS"} or None
+    bscan_order : str or None, the source's B-scan order (see :class:`~octpipe.OctVolume`)
+    preprocess : dict, the resolved preprocessing (:meth:`PreprocessConfig.to_dict`, JSON form)
+    valid : (z, y, x') uint8 or None, 1 where the source had data, when it marks invalid pixels
+    notes : tuple of str, remarks on the preprocessing (recorded in export sidecars)
+    info : dict, what else is known of the source (JSON-ready: ``format``, ``sha256``,
+        ``series``, ``reader``, ``vendor``, ``label``...; a store's other volume attributes).
+        Never a patient field.
+    source_path : Path or None, the file it was read from, in memory only: never written to
+        a store or an export (file names can carry patient names)
     """
 
     image: npt.NDArray[np.float32]
@@ -128,6 +147,26 @@ class PreparedVolume:
     qc: dict[str, object]
     spacing_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
     spacing_source: str = "default"
+    volume_id: str = ""
+    source_shape: tuple[int, int, int] = (0, 0, 0)
+    laterality: str | None = None
+    bscan_order: str | None = None
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    valid: npt.NDArray[np.uint8] | None = None
+    notes: tuple[str, ...] = ()
+    info: dict[str, Any] = field(default_factory=dict)
+    source_path: Path | None = None
+
+    @property
+    def flatten_geometry(self) -> dict[str, int]:
+        """``{"height": ..., "bm_row": ...}`` of the flattened area (as the store records it)."""
+        return {"height": int(self.height), "bm_row": int(self.bm_row)}
+
+    @property
+    def stored_spacing_mm(self) -> tuple[float, float, float]:
+        """Spacing (z, y, x) in mm of the stored grid (columns downsampled by ``factor``)."""
+        dz, dy, dx = self.spacing_mm
+        return (dz, dy, dx * self.factor)
 
 
 def layer_params(vol: OctVolume):
@@ -159,7 +198,7 @@ def _find_layers(display_ds: np.ndarray, vol: OctVolume, factor: int, spacing_ds
 
 
 def prepare_volume(vol: OctVolume, config: PreprocessConfig | None = None, *,
-                   mask: npt.ArrayLike | None = None) -> PreparedVolume:
+                   mask: npt.ArrayLike | None = None, volume_id: str | None = None) -> PreparedVolume:
     """Run every preprocessing stage on one volume.
 
     Parameters
@@ -170,6 +209,8 @@ def prepare_volume(vol: OctVolume, config: PreprocessConfig | None = None, *,
         Defaults to the paper's settings.
     mask : array_like of uint8, shape of ``vol.data``, optional
         Lesion labels in the source geometry (annotations), resampled with the volume.
+    volume_id : str, optional
+        The id to carry (a store's salted id); default the reader's, ``vol.volume_id``.
 
     Returns
     -------
@@ -212,11 +253,18 @@ def prepare_volume(vol: OctVolume, config: PreprocessConfig | None = None, *,
     qc["scaled_fraction"] = float((flatmap[1] < base * (1.0 - 1e-6)).mean())
     if vol.spacing_source == "estimated":
         qc["spacing_estimate"] = vol.meta.get("spacing_estimate")
+    prov = vol.provenance
+    info: dict[str, Any] = {"format": prov.format if prov else None, "reader": prov.reader if prov else "",
+                            "sha256": prov.sha256 if prov else "", "series": prov.series if prov else 0,
+                            "scan_pattern": vol.scan_pattern, "vendor": vol.vendor, "source_intensity": vol.intensity}
     return PreparedVolume(
         image=image_ds.astype(np.float32), layers=np.stack([ilm, bm]).astype(np.float32), flat=flat,
         flatmap=flatmap, mask=mask_ds, factor=factor, height=height, bm_row=bm_row,
         display_range=display_range, qc=qc, spacing_mm=tuple(float(v) for v in vol.spacing_mm),
-        spacing_source=vol.spacing_source,
+        spacing_source=vol.spacing_source, volume_id=vol.volume_id if volume_id is None else volume_id,
+        source_shape=tuple(int(n) for n in vol.shape), laterality=vol.laterality, bscan_order=vol.bscan_order,
+        preprocess=json.loads(json.dumps(config.to_dict())),
+        valid=None if invalid_ds is None else (~invalid_ds).astype(np.uint8), info=info,
     )
 
 

@@ -126,7 +126,7 @@ def test_identity_model_gives_the_input_back_and_a_zero_map(prepared, weighting,
     np.testing.assert_allclose(result.reconstruction_flat, prepared.flat, atol=2e-6)
     assert np.all(result.residual == 0) and np.all(result.residual_flat == 0)
     assert np.all(result.window_scores["A"] == 0)
-    assert result.residual.shape == tuple(prepared.attrs["source_shape"])
+    assert result.residual.shape == tuple(prepared.source_shape)
 
 
 def test_source_geometry_is_zero_outside_ilm_bm_and_follows_the_retina(prepared):
@@ -248,7 +248,7 @@ def test_export_volume_writes_maps_sidecar_pictures_report_and_summary(tmp_path,
     np.testing.assert_array_equal(a.affine, s.affine)
     np.testing.assert_allclose(np.abs(np.diag(a.affine))[:3], [0.0113, 0.24, 0.00387], rtol=1e-6)
     sidecar = json.loads((folder / "anomaly.json").read_text())
-    assert sidecar["laterality"] == prepared.attrs["laterality"] and sidecar["bscan_order"] == "inferior_first"
+    assert sidecar["laterality"] == prepared.laterality and sidecar["bscan_order"] == "inferior_first"
     assert sidecar["spacing_mm"] == pytest.approx([0.24, 0.00387, 0.0113])
     assert sidecar["flattening"]["bm_row"] == prepared.bm_row and sidecar["windows"]["stride"] == 16
     assert sidecar["octpipe_version"] and sidecar["model"]["image_size"] == 64

@@ -142,7 +142,7 @@ def test_export_file_prepares_the_input_exactly_with_the_bundles_preprocessing(t
     assert vol.image.shape != default.image.shape
     want_default_cols = prepare_volume(read_volume(src), replace(ROBUST, normalize_percentiles=None))
     assert not np.array_equal(vol.image, want_default_cols.image)  # the robust percentiles were applied too
-    assert PreprocessConfig.from_dict(vol.attrs["preprocess"]) == ROBUST
+    assert PreprocessConfig.from_dict(vol.preprocess) == ROBUST
 
 
 def test_export_file_sidecar_records_the_applied_preprocessing(tmp_path):

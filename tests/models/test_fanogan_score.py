@@ -23,8 +23,8 @@ from octpipe.models.fanogan.score import (
     pixel_residual,
     resolve_precision,
     score_patches,
-    score_store,
 )
+from octpipe.models.fanogan.store_scores import score_store
 from tests.models.test_fanogan_train import TINY_YAML, make_patch_store
 
 #: float32 machine epsilon. Convolution kernels (and so the last bits of every network output)

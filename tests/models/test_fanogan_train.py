@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from octpipe.errors import ConfigError, OctpipeError
+from octpipe.models.data import BatchStream, PatchSource
 from octpipe.models.fanogan import train as train_mod
 from octpipe.models.fanogan.checkpoint import RunPaths, load_checkpoint, load_run, save_atomic
 from octpipe.models.fanogan.config import FAnoGANConfig, load_config, save_config
@@ -121,12 +122,12 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
 
 # --- data order ----------------------------------------------------------------------------
 def test_batches_are_a_seeded_function_of_epoch_and_position(store):
-    source = train_mod._PatchSource(store, "train", cache_chunks=3)
+    source = PatchSource(store, "train", cache_chunks=3)
     idx = np.arange(source.n)[::2]  # a subset, as after holding out patches
 
     def stream(rank: int = 0, world: int = 1):
-        return train_mod._BatchStream(source, idx, batch_size=8, d=Dist(rank, world), seed=1, stream=1,
-                                      hflip=True, window=2)
+        return BatchStream(source, idx, batch_size=8, d=Dist(rank, world), seed=1, stream=1, hflip=True,
+                           window=2)
 
     a = stream()
     order, flips = a._epoch_order(0)
@@ -148,7 +149,7 @@ def test_batches_are_a_seeded_function_of_epoch_and_position(store):
 
 
 def test_held_out_volumes_are_never_trained_on(store):
-    source = train_mod._PatchSource(store, "train")
+    source = PatchSource(store, "train")
     cfg = tiny_config()
     train_idx, val_source, val_idx, what = train_mod._holdout(source, cfg, store)
     vols_train = set(source.volume_numbers[train_idx].tolist())

@@ -39,9 +39,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,6 +49,8 @@ import torch
 from torch import nn
 
 from octpipe.errors import ConfigError, OctpipeError
+from octpipe.models.data import BatchStream, PatchSource
+from octpipe.models.data import derive_seed as _seed
 from octpipe.models.fanogan.checkpoint import (
     CHECKPOINT_FORMAT,
     RunPaths,
@@ -71,10 +71,9 @@ from octpipe.models.fanogan.losses import (
     ziz_loss,
 )
 from octpipe.models.fanogan.model import FAnoGANModel, build_networks
-from octpipe.models.fanogan.networks import Generator, bn_stat_updates
+from octpipe.models.fanogan.networks import bn_stat_updates
 from octpipe.models.fanogan.optim import RMSpropTF
 from octpipe.models.fanogan.runtime import (
-    Dist,
     Runtime,
     all_mean,
     barrier,
@@ -84,6 +83,7 @@ from octpipe.models.fanogan.runtime import (
     to_device,
     training_runtime,
 )
+from octpipe.models.fanogan.samples import latent_prior, write_interpolation, write_samples
 from octpipe.models.fanogan.score import (
     calibrate,
     score_patches,
@@ -108,61 +108,15 @@ class TrainingDiverged(OctpipeError):
 
 
 # --------------------------------------------------------------------------------------------
-# Seeds
+# Training data: the held-out normal patches
 # --------------------------------------------------------------------------------------------
-def _seed(*parts: int) -> int:
-    """A 63-bit seed derived from integers (NumPy ``SeedSequence``)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-# --------------------------------------------------------------------------------------------
-# Patch data: deterministic, chunk-friendly batches with a resumable position
-# --------------------------------------------------------------------------------------------
-class _PatchSource:
-    """One patch split of a store: labels and indices in memory, patches read chunk by chunk."""
-
-    def __init__(self, store: Path, split: str, *, cache_chunks: int = 9) -> None:
-        from octpipe.store import open_patch_split
-
-        group = open_patch_split(store, split)
-        self.split = split
-        self.x = group["x"]
-        self.n = int(self.x.shape[0])
-        self.chunk = int(self.x.chunks[0])
-        self.patch_size = tuple(int(s) for s in self.x.shape[1:])
-        self.labels = np.asarray(group["label"][...])
-        self.volume_numbers = np.asarray(group["index"][:, 0]) if self.n else np.zeros(0, np.int32)
-        self.cache_chunks = cache_chunks
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-
-    def _chunk_data(self, c: int) -> np.ndarray:
-        data = self._cache.get(c)
-        if data is None:
-            data = np.asarray(self.x[c * self.chunk:min((c + 1) * self.chunk, self.n)])
-            self._cache[c] = data
-            while len(self._cache) > self.cache_chunks:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(c)
-        return data
-
-    def read(self, idx: np.ndarray) -> np.ndarray:
-        """Patches ``idx`` (any order) as float32 ``(len(idx), H, W)``."""
-        out = np.empty((len(idx), *self.patch_size), np.float32)
-        chunks = idx // self.chunk
-        for c in np.unique(chunks):
-            sel = chunks == c
-            out[sel] = self._chunk_data(int(c))[idx[sel] - int(c) * self.chunk]
-        return out
-
-
-def _holdout(source: _PatchSource, config: FAnoGANConfig, store: Path) -> tuple[np.ndarray, _PatchSource | None,
+def _holdout(source: PatchSource, config: FAnoGANConfig, store: Path) -> tuple[np.ndarray, PatchSource | None,
                                                                                   np.ndarray, str]:
     """Training indices, and the held-out normal source and indices (``data`` section)."""
     data = config.data
     normal = np.flatnonzero(source.labels != 1)  # label 0, or -1 when unknown-health volumes were included
     if data.val_split is not None:
-        val_source = _PatchSource(store, data.val_split)
+        val_source = PatchSource(store, data.val_split)
         val_idx = np.flatnonzero(val_source.labels == 0)
         return normal, val_source, val_idx, f"label-0 patches of split {data.val_split!r}"
     if data.val_fraction == 0 or len(normal) == 0:
@@ -183,69 +137,6 @@ def _holdout(source: _PatchSource, config: FAnoGANConfig, store: Path) -> tuple[
         is_val[rng.choice(len(normal), n_val, replace=False)] = True
         what = f"{n_val} of {len(normal)} patches of split {data.split!r}"
     return normal[~is_val], source, normal[is_val], what
-
-
-class _BatchStream:
-    """Deterministic batches over ``indices`` with a saved position.
-
-    The order of epoch ``e`` depends only on (seed, stream, e): the chunks are visited in a seeded
-    random order, ``window`` chunks at a time, and the patches of each window are shuffled; each
-    position also gets a seeded flip. A global batch is ``batch_size × world`` consecutive
-    positions, of which rank ``r`` takes the ``r``-th slice; the last incomplete global batch of an
-    epoch is dropped.
-    """
-
-    def __init__(self, source: _PatchSource, indices: np.ndarray, *, batch_size: int, d: Dist, seed: int,
-                 stream: int, hflip: bool, window: int) -> None:
-        self.source = source
-        self.indices = np.asarray(indices, np.int64)
-        self.batch_size = batch_size
-        self.d = d
-        self.seed = seed
-        self.stream = stream
-        self.hflip = hflip
-        self.window = window
-        self.per_step = batch_size * d.world
-        if len(self.indices) < self.per_step:
-            raise OctpipeError(f"split {source.split!r} has {len(self.indices)} training patches, fewer than one "
-                               f"batch of {batch_size} × {d.world} process(es); lower the batch size")
-        self.epoch = 0
-        self.offset = 0
-        self._order: tuple[int, np.ndarray, np.ndarray] | None = None
-
-    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._order is None or self._order[0] != epoch:
-            rng = np.random.default_rng(_seed(self.seed, self.stream, epoch))
-            chunk_of = self.indices // self.source.chunk
-            chunks = np.unique(chunk_of)
-            rank = np.empty(int(chunks.max()) + 1, np.int64)
-            rank[rng.permutation(chunks)] = np.arange(len(chunks))
-            window_of = rank[chunk_of] // self.window
-            order = self.indices[np.lexsort((rng.random(len(self.indices)), window_of))]
-            flips = rng.random(len(order)) < 0.5
-            self._order = (epoch, order, flips)
-        return self._order[1], self._order[2]
-
-    def next(self) -> np.ndarray:
-        """The next batch of this rank, float32 ``(batch_size, 1, H, W)``."""
-        if self.offset + self.per_step > len(self.indices):
-            self.epoch += 1
-            self.offset = 0
-        order, flips = self._epoch_order(self.epoch)
-        start = self.offset + self.d.rank * self.batch_size
-        sl = slice(start, start + self.batch_size)
-        x = self.source.read(order[sl])
-        if self.hflip:
-            f = flips[sl]
-            x[f] = x[f][:, :, ::-1]
-        self.offset += self.per_step
-        return x[:, None]
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "offset": self.offset}
-
-    def load_state(self, state: dict[str, int]) -> None:
-        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,64 +216,6 @@ class _Log:
             self._fh = None
 
 
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    x = images.detach().float().cpu().clamp(-1, 1)
-    return ((x + 1) * 127.5).round().to(torch.uint8).numpy()
-
-
-def _save_grid(images: torch.Tensor, path: Path, ncol: int) -> None:
-    """Tile ``(N, C, H, W)`` images in [-1, 1] into a PNG (first channel), 2-pixel grey gaps."""
-    from PIL import Image
-
-    x = _to_uint8(images)[:, 0]
-    n, h, w = x.shape
-    nrow = -(-n // ncol)
-    gap = 2
-    canvas = np.full((nrow * (h + gap) + gap, ncol * (w + gap) + gap), 128, np.uint8)
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        canvas[gap + r * (h + gap):gap + r * (h + gap) + h, gap + c * (w + gap):gap + c * (w + gap) + w] = x[i]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(canvas).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def _prior(n: int, dim: int, prior: str, gen: torch.Generator) -> torch.Tensor:
-    if prior == "uniform":
-        return torch.rand(n, dim, generator=gen) * 2 - 1
-    return torch.randn(n, dim, generator=gen)
-
-
-@torch.no_grad()
-def _write_samples(g: Generator, path: Path, seed: int, prior: str, n: int = 64) -> None:
-    """A grid of G(z) for fixed z (eval mode; no training RNG or BN statistics are touched)."""
-    was_training = g.training
-    gen = torch.Generator().manual_seed(_seed(seed, _S_SAMPLES))
-    z = _prior(n, g.latent_dim, prior, gen).to(next(g.parameters()).device)
-    g.eval()
-    try:
-        _save_grid(g(z), path, ncol=int(math.ceil(math.sqrt(n))))
-    finally:
-        g.train(was_training)
-
-
-@torch.no_grad()
-def _write_interpolation(g: Generator, path: Path, seed: int, prior: str, rows: int = 8, steps: int = 10) -> None:
-    """Paper Fig. 5: each row is G(z_a + t·(z_b − z_a)) for t from 0 to 1."""
-    was_training = g.training
-    gen = torch.Generator().manual_seed(_seed(seed, _S_SAMPLES, 1))
-    za = _prior(rows, g.latent_dim, prior, gen)
-    zb = _prior(rows, g.latent_dim, prior, gen)
-    t = torch.linspace(0, 1, steps)[None, :, None]
-    z = (za[:, None] + t * (zb - za)[:, None]).reshape(rows * steps, -1).to(next(g.parameters()).device)
-    g.eval()
-    try:
-        _save_grid(g(z), path, ncol=steps)
-    finally:
-        g.train(was_training)
-
-
 # --------------------------------------------------------------------------------------------
 # Run directory bookkeeping
 # --------------------------------------------------------------------------------------------
@@ -414,10 +247,10 @@ def _checkpoint_base(stage: str, config: FAnoGANConfig, rt: Runtime) -> dict[str
 
 
 def _stage_inputs(store: str | Path, run_dir: str | Path, config: FAnoGANConfig | None
-                  ) -> tuple[Path, RunPaths, FAnoGANConfig, _PatchSource]:
+                  ) -> tuple[Path, RunPaths, FAnoGANConfig, PatchSource]:
     config = config or FAnoGANConfig()
     store = Path(store)
-    source = _PatchSource(store, config.data.split)
+    source = PatchSource(store, config.data.split)
     size = config.model.image_size
     if source.patch_size != (size, size):
         raise ConfigError(f"patches of split {config.data.split!r} are {source.patch_size[0]}×{source.patch_size[1]} "
@@ -602,7 +435,7 @@ def _existing_checkpoint(paths: RunPaths, stage: str, config: FAnoGANConfig, *, 
 class _GANTrainer(_Stage):
     name, label, counter = "gan", "GAN", "critic_step"
 
-    def __init__(self, store: Path, paths: RunPaths, config: FAnoGANConfig, source: _PatchSource, rt: Runtime, *,
+    def __init__(self, store: Path, paths: RunPaths, config: FAnoGANConfig, source: PatchSource, rt: Runtime, *,
                  resume: bool, overwrite: bool, progress: bool) -> None:
         super().__init__(store, paths, config, rt, progress=progress)
         self.cfg = config.gan
@@ -619,7 +452,7 @@ class _GANTrainer(_Stage):
 
         train_idx, _, val_idx, self.held_out = _holdout(source, config, store)
         self.n_train, self.n_val = len(train_idx), len(val_idx)
-        self.stream = _BatchStream(source, train_idx, batch_size=self.cfg.batch_size, d=d, seed=self.seed,
+        self.stream = BatchStream(source, train_idx, batch_size=self.cfg.batch_size, d=d, seed=self.seed,
                                    stream=_S_GAN_DATA, hflip=self.cfg.hflip, window=config.data.shuffle_chunks)
 
         torch.manual_seed(_seed(self.seed, _S_INIT))
@@ -653,7 +486,7 @@ class _GANTrainer(_Stage):
     # ---- steps -------------------------------------------------------------------------------
     def _z(self, stream: int, step: int) -> torch.Tensor:
         self.noise.manual_seed(_seed(self.seed, stream, self.rt.dist.rank, step))
-        z = _prior(self.cfg.batch_size, self.config.model.latent_dim, self.cfg.prior, self.noise)
+        z = latent_prior(self.cfg.batch_size, self.config.model.latent_dim, self.cfg.prior, self.noise)
         return z.to(self.rt.device, non_blocking=True)
 
     def _critic_step(self) -> torch.Tensor:
@@ -760,9 +593,11 @@ class _GANTrainer(_Stage):
             elif self._crossed(before, boundary, cfg.log_every):
                 self._flush(log, t0)
             if d.main and (self._crossed(before, boundary, cfg.sample_every) or final and cfg.sample_every):
-                _write_samples(self.g, self.paths.samples / f"gan-{self.critic_step:08d}.png", self.seed, cfg.prior)
+                write_samples(self.g, self.paths.samples / f"gan-{self.critic_step:08d}.png",
+                              _seed(self.seed, _S_SAMPLES), cfg.prior)
         if d.main:
-            _write_interpolation(self.g, self.paths.samples / "interpolation.png", self.seed, cfg.prior)
+            write_interpolation(self.g, self.paths.samples / "interpolation.png", _seed(self.seed, _S_SAMPLES, 1),
+                                cfg.prior)
 
     def _finished(self, status: str, seconds: float) -> dict[str, Any]:
         return {"status": status, "critic_step": self.critic_step, "generator_step": self.generator_step,
@@ -830,7 +665,7 @@ def train_encoder(
 class _EncoderTrainer(_Stage):
     name, label, counter = "encoder", "encoder", "step"
 
-    def __init__(self, store: Path, paths: RunPaths, config: FAnoGANConfig, source: _PatchSource, rt: Runtime, *,
+    def __init__(self, store: Path, paths: RunPaths, config: FAnoGANConfig, source: PatchSource, rt: Runtime, *,
                  resume: bool, overwrite: bool, progress: bool) -> None:
         super().__init__(store, paths, config, rt, progress=progress)
         self.cfg = config.encoder
@@ -878,7 +713,7 @@ class _EncoderTrainer(_Stage):
         train_idx, val_source, val_idx, self.held_out = _holdout(source, config, store)
         self.val_source, self.val_idx = val_source, val_idx
         self.n_train = len(train_idx)
-        self.stream = _BatchStream(source, train_idx, batch_size=self.cfg.batch_size, d=d, seed=self.seed,
+        self.stream = BatchStream(source, train_idx, batch_size=self.cfg.batch_size, d=d, seed=self.seed,
                                    stream=_S_ENC_DATA, hflip=self.cfg.hflip, window=config.data.shuffle_chunks)
         torch.manual_seed(_seed(self.seed, _S_INIT, 2))
         g, dnet, e = build_networks(config)
@@ -924,7 +759,7 @@ class _EncoderTrainer(_Stage):
     def _batch(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.cfg.mode == "ziz":
             self.noise.manual_seed(_seed(self.seed, _S_ENC, self.rt.dist.rank, self.step))
-            z = _prior(self.cfg.batch_size, self.config.model.latent_dim, self.config.gan.prior, self.noise)
+            z = latent_prior(self.cfg.batch_size, self.config.model.latent_dim, self.config.gan.prior, self.noise)
             return None, z.to(self.rt.device)
         return to_device(self.stream.next(), self.rt), None
 
@@ -948,7 +783,7 @@ class _EncoderTrainer(_Stage):
             if self.cfg.mode == "ziz":
                 gen = torch.Generator().manual_seed(_seed(self.seed, _S_VAL))
                 for _ in range(nb):
-                    z = _prior(bs, self.config.model.latent_dim, self.config.gan.prior, gen).to(self.rt.device)
+                    z = latent_prior(bs, self.config.model.latent_dim, self.config.gan.prior, gen).to(self.rt.device)
                     losses.append(float(self._loss(None, z, self.e)))
             else:
                 if self.val_source is None or len(self.val_idx) == 0:
