@@ -35,10 +35,9 @@ def test_demo_runs_every_stage_on_phantoms(tmp_path):
     assert (tmp_path / "export" / "index.html").is_file()
     dicom_volume = next(r for r in export["ranked"] if r["format"] == "dicom")["volume_id"]
     assert (tmp_path / "export" / dicom_volume / "dicom" / "anomaly-map-pm.dcm").is_file()
-    # the demo is its run file: the steps after the export (the evaluation) ran too
+    # the demo is its run file: every one of its steps ran, each as a stage of the summary
     assert summary["run_file"].endswith("pipelines/demo.yaml")
-    assert summary["stages"]["evaluate"]["folder"] == str(tmp_path / "evaluate")
-    assert any((tmp_path / "evaluate").iterdir())
+    assert set(summary["stages"]) >= {"phantoms", "readback", "ingest", "patches", "figures", "export"}
 
 
 def test_demo_command_refuses_existing_output(tmp_path, capsys):

@@ -91,4 +91,4 @@ def test_the_bundled_run_files_check(monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     code, out, err = _run(capsys, "run", "pipelines/demo.yaml", "--dry-run")
     assert code == 0, err
-    assert out.count("octpipe ") == 6 and "[5/6] octpipe export demo-run/store.zarr" in out
+    assert out.count("octpipe ") == 5 and "[5/5] octpipe export demo-run/store.zarr" in out
