@@ -6,7 +6,6 @@ Exit codes: 0 success, 1 an error or some inputs failed, 2 a usage error. An
 
 from __future__ import annotations
 
-import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -88,19 +87,6 @@ def _os_error_line(exc: OSError) -> str:
     return f"{path}: {reason}"
 
 
-def _yielding_threads() -> None:
-    """Let idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``), unless set.
-
-    PyTorch's CPU kernels use GNU OpenMP, whose idle threads spin for a while by default. When
-    another process also wants the cores (Dask workers, a second job, a shared machine), the
-    spinning threads take their time slices and a forward pass runs several times slower; passive
-    threads cost only a wake-up per parallel region (``benchmarks/results/export.json``). It must
-    be set before torch is first imported; a value the user set is kept.
-    """
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return its exit code (testable entry point).
 
@@ -115,7 +101,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         0 success, 1 error, 2 usage error.
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    _yielding_threads()
     state["verbosity"] = 0
     code: int
     try:
