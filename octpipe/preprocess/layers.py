@@ -82,7 +82,7 @@ BLOCK_PIXELS = 1 << 21
 # Parameters that must be strictly positive (the others must be >= 0, offsets any sign).
 _POSITIVE = (
     "ilm_max_slope", "bm_max_slope", "ilm_above_um", "ilm_first_edge_um", "ilm_below_to_um", "ilm_tissue_level",
-    "bm_above_um", "bm_below_um",
+    "bm_above_um", "bm_below_um", "bm_cavity_to_um", "bm_cavity_level", "bm_search_depth_um",
     "bm_reference_width_um", "bm_reference_sigma_um", "bm_reference_tolerance_um", "bm_search_um",
     "max_thickness_um", "ilm_band_um", "bm_band_um", "outlier_um", "refine_outlier_um",
     "outlier_window_lateral_um",
@@ -230,6 +230,11 @@ class LayerParams:
     bm_gate_high: float = 0.75
     bm_below_um: float = 400.0
     bm_deeper_weight: float = 1.0
+    bm_cavity_from_um: float = 8.0
+    bm_cavity_to_um: float = 40.0
+    bm_cavity_level: float = 0.12
+    bm_cavity_weight: float = 1.0
+    bm_search_depth_um: float = 1600.0
     bm_reference_width_um: float = 2000.0
     bm_reference_sigma_um: float = 200.0
     bm_reference_tolerance_um: float = 15.0
@@ -762,7 +767,7 @@ def _bm_edge(x: npt.NDArray[np.float32], ilm: npt.NDArray[np.float64], geo: _Geo
                              mode="nearest")
     rows = np.arange(ny)[None, :, None]
     top = ilm[:, None, :] + round(geo.ax(p.min_thickness_um))
-    region = (rows >= top) & (rows <= ilm[:, None, :] + round(geo.ax(p.max_thickness_um)))
+    region = (rows >= top) & (rows <= ilm[:, None, :] + round(geo.ax(max(p.max_thickness_um, p.bm_search_depth_um))))
     gn = np.clip(-np.gradient(sb, axis=1), 0.0, None)
     edge = np.minimum(gn / _column_scale(gn, region), 1.0)
     return sb, region, edge
@@ -778,12 +783,25 @@ def _bm_rpe_pass(x: npt.NDArray[np.float32], ilm: npt.NDArray[np.float64], lo: n
     n_up = max(1, round(geo.ax(p.bm_above_um)))
     rel = (_window_mean(sb, -n_up, 0) - lo) / (ref - lo)
     gate = np.clip((rel - p.bm_gate_low) / (p.bm_gate_high - p.bm_gate_low), 0.0, 1.0)
-    del rel, sb
+    del rel
+    c0 = max(1, round(geo.ax(p.bm_cavity_from_um)))
+    c1 = max(c0 + 1, round(geo.ax(p.bm_cavity_to_um)))
+    # a dark cavity (cyst, subretinal fluid, PED content: as dark as the vitreous) right
+    # under a candidate: the choroid under Bruch's membrane is not that dark
+    under = (_window_mean(sb, c0, c1) - lo) / (ref - lo)
+    cavity = np.clip(1.0 - under / np.float32(p.bm_cavity_level), 0.0, 1.0)
+    del under, sb
     q = np.where(region, edge * gate, 0.0).astype(np.float32)
     del gate, edge
     deeper = _window_max(q, n_up, max(n_up + 1, round(geo.ax(p.bm_below_um))))
-    cost = np.where(region, -q + np.float32(p.bm_deeper_weight) * deeper, np.float32(2.0)).astype(np.float32)
-    del q, deeper, region
+    cost = -q + np.float32(p.bm_deeper_weight) * deeper
+    if p.bm_cavity_weight > 0:
+        # an RPE-like edge anywhere deeper, under a cavity: the candidate is the roof of the cavity
+        far = _window_max(q, c1, max(c1 + 1, round(geo.ax(p.bm_search_depth_um))))
+        cost = cost + np.float32(p.bm_cavity_weight) * cavity * far
+        del far
+    cost = np.where(region, cost, np.float32(2.0)).astype(np.float32)
+    del q, deeper, region, cavity
     return _dp_path(cost, geo.jump(p.bm_max_slope), geo.jump_cost(p.bm_slope_cost)).astype(np.float64)
 
 
