@@ -21,7 +21,9 @@ with every parameter given in µm and converted with the volume's spacing:
    membrane does not move with lesions, the RPE does (PED, drusen): a smooth surface
    through (a) that ignores stretches lifted above it (percentile closing, then a
    robust local-linear fit) guides a banded search for the strongest bright→dark edge
-   near it, which is the thin BM line under a PED.
+   near it (mostly under it), which is the thin BM line under a PED. A candidate with a
+   dark cavity under it and an RPE-like edge deeper (the floor of a huge cyst, subretinal
+   fluid) is the cavity's roof, not BM.
 4. **Outliers.** Each surface is compared with its median over a (z, x) window;
    points that deviate more than a threshold, and A-scans without data, become NaN
    and are inpainted by interpolation across A-scans, then across B-scans.
@@ -83,7 +85,8 @@ BLOCK_PIXELS = 1 << 21
 _POSITIVE = (
     "ilm_max_slope", "bm_max_slope", "ilm_above_um", "ilm_first_edge_um", "ilm_below_to_um", "ilm_tissue_level",
     "bm_above_um", "bm_below_um", "bm_cavity_to_um", "bm_cavity_level", "bm_search_depth_um",
-    "bm_reference_width_um", "bm_reference_sigma_um", "bm_reference_tolerance_um", "bm_search_um",
+    "bm_reference_width_um", "bm_reference_sigma_um", "bm_reference_tolerance_um", "bm_stiff_width_um",
+    "bm_stiff_sigma_um", "bm_search_um", "bm_search_above_um",
     "max_thickness_um", "ilm_band_um", "bm_band_um", "outlier_um", "refine_outlier_um",
     "outlier_window_lateral_um",
 )
@@ -139,6 +142,15 @@ class LayerParams:
     bm_below_um, bm_deeper_weight : float
         Depth below a candidate searched for a deeper candidate (at least the height
         of the largest subretinal fluid or PED expected), and weight of that penalty.
+    bm_cavity_from_um, bm_cavity_to_um, bm_cavity_level, bm_cavity_weight : float
+        Window under a BM candidate whose mean brightness (same scale as the gate) below
+        ``bm_cavity_level`` marks a dark cavity (a cyst, subretinal fluid); a candidate
+        over a cavity costs up to ``bm_cavity_weight`` times the strongest RPE-like edge
+        anywhere deeper (down to ``bm_search_depth_um``): it is the cavity's roof. The
+        choroid under Bruch's membrane is not as dark as the vitreous.
+    bm_search_depth_um : float
+        Depth under the ILM searched for BM (at least ``max_thickness_um``): a retina
+        lifted by a huge cystoid cavity can be thicker than the plausible range.
     bm_reference_width_um : float
         Width of the percentile closing that bridges lifted stretches (wider than the
         widest PED expected).
@@ -146,8 +158,16 @@ class LayerParams:
         Scale of the robust local-linear fit of the BM reference surface.
     bm_reference_tolerance_um : float
         Points lifted more than this above the reference are ignored by the fit.
-    bm_search_um : float
-        Half-width of the band around the reference where BM is searched.
+    bm_stiff_width_um, bm_stiff_sigma_um : float
+        The same for a stiffer surface that bridges lesions wider than the closing (a
+        large PED, subretinal material); it replaces the reference where the reference
+        lies more than twice the tolerance above it.
+    bm_search_um, bm_search_above_um : float
+        Depth of the band under (above) the reference where BM is searched. Bruch's
+        membrane lies on or under the reference, which bridges lifted stretches: where
+        the RPE edge of the first pass is lifted above it, the band reaches only
+        ``bm_search_above_um`` above it, so that the lifted RPE over drusen or a PED is
+        not taken.
     min_thickness_um, max_thickness_um : float
         Plausible retina thickness BM − ILM; also the BM search range below the ILM.
     ilm_band_um, bm_band_um : float
@@ -238,7 +258,10 @@ class LayerParams:
     bm_reference_width_um: float = 2000.0
     bm_reference_sigma_um: float = 200.0
     bm_reference_tolerance_um: float = 15.0
+    bm_stiff_width_um: float = 3500.0
+    bm_stiff_sigma_um: float = 300.0
     bm_search_um: float = 30.0
+    bm_search_above_um: float = 12.0
     min_thickness_um: float = 100.0
     max_thickness_um: float = 1000.0
     ilm_band_um: float = 30.0
@@ -806,14 +829,21 @@ def _bm_rpe_pass(x: npt.NDArray[np.float32], ilm: npt.NDArray[np.float64], lo: n
 
 
 def _bm_band_pass(x: npt.NDArray[np.float32], ilm: npt.NDArray[np.float64], reference: npt.NDArray[np.float64],
-                  geo: _Geometry, p: LayerParams) -> npt.NDArray[np.float64]:
-    """BM pass (b): integer rows of the strongest bright→dark edge in a band around the smooth reference."""
+                  lifted: npt.NDArray[np.bool_], geo: _Geometry, p: LayerParams) -> npt.NDArray[np.float64]:
+    """BM pass (b): integer rows of the strongest bright→dark edge in a band around the smooth reference.
+
+    Where the RPE edge of pass (a) is lifted above the reference (``lifted``), the band
+    reaches only ``bm_search_above_um`` above it: the lifted RPE is no candidate there.
+    """
     ny = x.shape[1]
     edge = _bm_edge(x, ilm, geo, p)[2]
     half = max(2, round(geo.ax(p.bm_search_um)))
     start = np.clip(np.round(reference).astype(np.intp), 0, ny - 1) - half
     band = np.take_along_axis(edge, np.clip(start[:, None, :] + np.arange(2 * half + 1)[None, :, None], 0, ny - 1),
                               axis=1)
+    up = max(1, round(geo.ax(min(p.bm_search_um, p.bm_search_above_um))))
+    above = (np.arange(2 * half + 1) < half - up)[None, :, None] & lifted[:, None, :]
+    band = np.where(above, np.float32(-1.0), band)
     path = _dp_path(-band, geo.jump(p.bm_max_slope), geo.jump_cost(p.bm_slope_cost), centre=start)
     return (start + path).astype(np.float64)
 
@@ -827,11 +857,20 @@ def _first_pass_bm(x: npt.NDArray[np.float32], ilm: npt.NDArray[np.float64], lo:
     bm_a, _ = _reject_outliers(bm_a, empty_cols, size=(geo.kz(p.bm_outlier_window_z_um),
                                                        _odd(geo.lat(p.outlier_window_lateral_um))),
                                threshold_px=geo.ax(p.outlier_um))
+    tol = geo.ax(p.bm_reference_tolerance_um)
     reference = _lower_envelope(bm_a, width_px=geo.lat(p.bm_reference_width_um),
-                                sigma_px=geo.lat(p.bm_reference_sigma_um), tol_px=geo.ax(p.bm_reference_tolerance_um))
+                                sigma_px=geo.lat(p.bm_reference_sigma_um), tol_px=tol)
     if not np.isfinite(reference).all():
         return bm_a
-    return np.concatenate([_bm_band_pass(x[b], ilm[b], reference[b], geo, p) for b in blocks])
+    if p.bm_stiff_width_um > p.bm_reference_width_um or p.bm_stiff_sigma_um > p.bm_reference_sigma_um:
+        # a stiffer surface bridges lesions wider than the reference's closing (a large PED,
+        # subretinal material); it replaces the reference only where that lies well above it
+        stiff = _lower_envelope(bm_a, width_px=geo.lat(max(p.bm_stiff_width_um, p.bm_reference_width_um)),
+                                sigma_px=geo.lat(max(p.bm_stiff_sigma_um, p.bm_reference_sigma_um)), tol_px=tol)
+        if np.isfinite(stiff).all():
+            reference = np.where(reference < stiff - 2.0 * tol, stiff, reference)
+    lifted = bm_a < reference - tol
+    return np.concatenate([_bm_band_pass(x[b], ilm[b], reference[b], lifted[b], geo, p) for b in blocks])
 
 
 def _refine(x: npt.NDArray[np.float32], surf: npt.NDArray[np.float64], blocks: list[slice], **kw: Any
