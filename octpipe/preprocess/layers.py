@@ -542,6 +542,32 @@ def _local_linear(values: npt.NDArray[np.float64], weight: npt.NDArray[np.float6
     return fit, s0
 
 
+def _extend_linearly(surf: npt.NDArray[np.float64], pad: int) -> npt.NDArray[np.float64]:
+    """``surf`` (per row) extended by ``pad`` columns at each end along the line of its end stretches.
+
+    The slope at each end is the difference of the medians of two adjacent stretches of a
+    quarter of ``pad`` (robust to a small lesion there). Without it, a percentile closing
+    wider than the B-scan sees ``mode="nearest"`` padding, which on a steep or curved
+    surface drags the envelope far under the data near the scan edges.
+    """
+    nz, nx = surf.shape
+    q = max(1, min(pad // 4, nx // 2))
+    steps = np.arange(1, pad + 1, dtype=np.float64)
+    out = np.empty((nz, nx + 2 * pad), dtype=np.float64)
+    out[:, pad:pad + nx] = surf
+    if nx < 2 * q:
+        out[:, :pad] = surf[:, :1]
+        out[:, pad + nx:] = surf[:, -1:]
+        return out
+    m0, m1 = np.median(surf[:, :q], axis=1), np.median(surf[:, q:2 * q], axis=1)
+    n0, n1 = np.median(surf[:, -q:], axis=1), np.median(surf[:, -2 * q:-q], axis=1)
+    left0 = m0 - (m1 - m0) * (q - 1) / (2.0 * q)  # the line at column 0
+    right0 = n0 + (n0 - n1) * (q - 1) / (2.0 * q)  # ... and at the last column
+    out[:, :pad] = (left0[:, None] - ((m1 - m0) / q)[:, None] * steps[None, :])[:, ::-1]
+    out[:, pad + nx:] = right0[:, None] + ((n0 - n1) / q)[:, None] * steps[None, :]
+    return out
+
+
 def _lower_envelope(surf: npt.NDArray[np.float64], *, width_px: float, sigma_px: float, tol_px: float,
                     n_iter: int = 3) -> npt.NDArray[np.float64]:
     """Smooth surface through ``surf`` (per B-scan) that bridges stretches lifted above it.
@@ -556,9 +582,11 @@ def _lower_envelope(surf: npt.NDArray[np.float64], *, width_px: float, sigma_px:
     """
     if not np.isfinite(surf).all():
         return surf
-    size = (1, max(3, int(round(width_px))))
-    fit = ndi.percentile_filter(ndi.percentile_filter(surf, 90, size=size, mode="nearest"), 10, size=size,
-                                mode="nearest")
+    n = max(3, int(round(width_px)))
+    pad = n // 2 + 1
+    ext = _extend_linearly(surf, pad)
+    fit = ndi.percentile_filter(ndi.percentile_filter(ext, 90, size=(1, n), mode="nearest"), 10, size=(1, n),
+                                mode="nearest")[:, pad:pad + surf.shape[1]]
     keep = ((surf >= fit - tol_px) & (surf <= fit + 2.0 * tol_px)).astype(np.float64)
     for scale in (4.0, 2.0, 1.0):
         sig = sigma_px * scale
