@@ -21,7 +21,9 @@ with every parameter given in µm and converted with the volume's spacing:
    membrane does not move with lesions, the RPE does (PED, drusen): a smooth surface
    through (a) that ignores stretches lifted above it (percentile closing, then a
    robust local-linear fit) guides a banded search for the strongest bright→dark edge
-   near it, which is the thin BM line under a PED.
+   near it (mostly under it), which is the thin BM line under a PED. A candidate with a
+   dark cavity under it and an RPE-like edge deeper (the floor of a huge cyst, subretinal
+   fluid) is the cavity's roof, not BM.
 4. **Outliers.** Each surface is compared with its median over a (z, x) window;
    points that deviate more than a threshold, and A-scans without data, become NaN
    and are inpainted by interpolation across A-scans, then across B-scans.
@@ -82,8 +84,9 @@ BLOCK_PIXELS = 1 << 21
 # Parameters that must be strictly positive (the others must be >= 0, offsets any sign).
 _POSITIVE = (
     "ilm_max_slope", "bm_max_slope", "ilm_above_um", "ilm_first_edge_um", "ilm_below_to_um", "ilm_tissue_level",
-    "bm_above_um", "bm_below_um",
-    "bm_reference_width_um", "bm_reference_sigma_um", "bm_reference_tolerance_um", "bm_search_um",
+    "bm_above_um", "bm_below_um", "bm_cavity_to_um", "bm_cavity_level", "bm_search_depth_um",
+    "bm_reference_width_um", "bm_reference_sigma_um", "bm_reference_tolerance_um", "bm_stiff_width_um",
+    "bm_stiff_sigma_um", "bm_search_um", "bm_search_above_um",
     "max_thickness_um", "ilm_band_um", "bm_band_um", "outlier_um", "refine_outlier_um",
     "outlier_window_lateral_um",
 )
@@ -139,6 +142,15 @@ class LayerParams:
     bm_below_um, bm_deeper_weight : float
         Depth below a candidate searched for a deeper candidate (at least the height
         of the largest subretinal fluid or PED expected), and weight of that penalty.
+    bm_cavity_from_um, bm_cavity_to_um, bm_cavity_level, bm_cavity_weight : float
+        Window under a BM candidate whose mean brightness (same scale as the gate) below
+        ``bm_cavity_level`` marks a dark cavity (a cyst, subretinal fluid); a candidate
+        over a cavity costs up to ``bm_cavity_weight`` times the strongest RPE-like edge
+        anywhere deeper (down to ``bm_search_depth_um``): it is the cavity's roof. The
+        choroid under Bruch's membrane is not as dark as the vitreous.
+    bm_search_depth_um : float
+        Depth under the ILM searched for BM (at least ``max_thickness_um``): a retina
+        lifted by a huge cystoid cavity can be thicker than the plausible range.
     bm_reference_width_um : float
         Width of the percentile closing that bridges lifted stretches (wider than the
         widest PED expected).
@@ -146,8 +158,16 @@ class LayerParams:
         Scale of the robust local-linear fit of the BM reference surface.
     bm_reference_tolerance_um : float
         Points lifted more than this above the reference are ignored by the fit.
-    bm_search_um : float
-        Half-width of the band around the reference where BM is searched.
+    bm_stiff_width_um, bm_stiff_sigma_um : float
+        The same for a stiffer surface that bridges lesions wider than the closing (a
+        large PED, subretinal material); it replaces the reference where the reference
+        lies more than twice the tolerance above it.
+    bm_search_um, bm_search_above_um : float
+        Depth of the band under (above) the reference where BM is searched. Bruch's
+        membrane lies on or under the reference, which bridges lifted stretches: where
+        the RPE edge of the first pass is lifted above it, the band reaches only
+        ``bm_search_above_um`` above it, so that the lifted RPE over drusen or a PED is
+        not taken.
     min_thickness_um, max_thickness_um : float
         Plausible retina thickness BM − ILM; also the BM search range below the ILM.
     ilm_band_um, bm_band_um : float
@@ -230,10 +250,18 @@ class LayerParams:
     bm_gate_high: float = 0.75
     bm_below_um: float = 400.0
     bm_deeper_weight: float = 1.0
+    bm_cavity_from_um: float = 8.0
+    bm_cavity_to_um: float = 40.0
+    bm_cavity_level: float = 0.12
+    bm_cavity_weight: float = 1.0
+    bm_search_depth_um: float = 1600.0
     bm_reference_width_um: float = 2000.0
     bm_reference_sigma_um: float = 200.0
     bm_reference_tolerance_um: float = 15.0
+    bm_stiff_width_um: float = 3500.0
+    bm_stiff_sigma_um: float = 300.0
     bm_search_um: float = 30.0
+    bm_search_above_um: float = 12.0
     min_thickness_um: float = 100.0
     max_thickness_um: float = 1000.0
     ilm_band_um: float = 30.0
@@ -514,6 +542,32 @@ def _local_linear(values: npt.NDArray[np.float64], weight: npt.NDArray[np.float6
     return fit, s0
 
 
+def _extend_linearly(surf: npt.NDArray[np.float64], pad: int) -> npt.NDArray[np.float64]:
+    """``surf`` (per row) extended by ``pad`` columns at each end along the line of its end stretches.
+
+    The slope at each end is the difference of the medians of two adjacent stretches of a
+    quarter of ``pad`` (robust to a small lesion there). Without it, a percentile closing
+    wider than the B-scan sees ``mode="nearest"`` padding, which on a steep or curved
+    surface drags the envelope far under the data near the scan edges.
+    """
+    nz, nx = surf.shape
+    q = max(1, min(pad // 4, nx // 2))
+    steps = np.arange(1, pad + 1, dtype=np.float64)
+    out = np.empty((nz, nx + 2 * pad), dtype=np.float64)
+    out[:, pad:pad + nx] = surf
+    if nx < 2 * q:
+        out[:, :pad] = surf[:, :1]
+        out[:, pad + nx:] = surf[:, -1:]
+        return out
+    m0, m1 = np.median(surf[:, :q], axis=1), np.median(surf[:, q:2 * q], axis=1)
+    n0, n1 = np.median(surf[:, -q:], axis=1), np.median(surf[:, -2 * q:-q], axis=1)
+    left0 = m0 - (m1 - m0) * (q - 1) / (2.0 * q)  # the line at column 0
+    right0 = n0 + (n0 - n1) * (q - 1) / (2.0 * q)  # ... and at the last column
+    out[:, :pad] = (left0[:, None] - ((m1 - m0) / q)[:, None] * steps[None, :])[:, ::-1]
+    out[:, pad + nx:] = right0[:, None] + ((n0 - n1) / q)[:, None] * steps[None, :]
+    return out
+
+
 def _lower_envelope(surf: npt.NDArray[np.float64], *, width_px: float, sigma_px: float, tol_px: float,
                     n_iter: int = 3) -> npt.NDArray[np.float64]:
     """Smooth surface through ``surf`` (per B-scan) that bridges stretches lifted above it.
@@ -528,9 +582,11 @@ def _lower_envelope(surf: npt.NDArray[np.float64], *, width_px: float, sigma_px:
     """
     if not np.isfinite(surf).all():
         return surf
-    size = (1, max(3, int(round(width_px))))
-    fit = ndi.percentile_filter(ndi.percentile_filter(surf, 90, size=size, mode="nearest"), 10, size=size,
-                                mode="nearest")
+    n = max(3, int(round(width_px)))
+    pad = n // 2 + 1
+    ext = _extend_linearly(surf, pad)
+    fit = ndi.percentile_filter(ndi.percentile_filter(ext, 90, size=(1, n), mode="nearest"), 10, size=(1, n),
+                                mode="nearest")[:, pad:pad + surf.shape[1]]
     keep = ((surf >= fit - tol_px) & (surf <= fit + 2.0 * tol_px)).astype(np.float64)
     for scale in (4.0, 2.0, 1.0):
         sig = sigma_px * scale
@@ -762,7 +818,7 @@ def _bm_edge(x: npt.NDArray[np.float32], ilm: npt.NDArray[np.float64], geo: _Geo
                              mode="nearest")
     rows = np.arange(ny)[None, :, None]
     top = ilm[:, None, :] + round(geo.ax(p.min_thickness_um))
-    region = (rows >= top) & (rows <= ilm[:, None, :] + round(geo.ax(p.max_thickness_um)))
+    region = (rows >= top) & (rows <= ilm[:, None, :] + round(geo.ax(max(p.max_thickness_um, p.bm_search_depth_um))))
     gn = np.clip(-np.gradient(sb, axis=1), 0.0, None)
     edge = np.minimum(gn / _column_scale(gn, region), 1.0)
     return sb, region, edge
@@ -778,24 +834,44 @@ def _bm_rpe_pass(x: npt.NDArray[np.float32], ilm: npt.NDArray[np.float64], lo: n
     n_up = max(1, round(geo.ax(p.bm_above_um)))
     rel = (_window_mean(sb, -n_up, 0) - lo) / (ref - lo)
     gate = np.clip((rel - p.bm_gate_low) / (p.bm_gate_high - p.bm_gate_low), 0.0, 1.0)
-    del rel, sb
+    del rel
+    c0 = max(1, round(geo.ax(p.bm_cavity_from_um)))
+    c1 = max(c0 + 1, round(geo.ax(p.bm_cavity_to_um)))
+    # a dark cavity (cyst, subretinal fluid, PED content: as dark as the vitreous) right
+    # under a candidate: the choroid under Bruch's membrane is not that dark
+    under = (_window_mean(sb, c0, c1) - lo) / (ref - lo)
+    cavity = np.clip(1.0 - under / np.float32(p.bm_cavity_level), 0.0, 1.0)
+    del under, sb
     q = np.where(region, edge * gate, 0.0).astype(np.float32)
     del gate, edge
     deeper = _window_max(q, n_up, max(n_up + 1, round(geo.ax(p.bm_below_um))))
-    cost = np.where(region, -q + np.float32(p.bm_deeper_weight) * deeper, np.float32(2.0)).astype(np.float32)
-    del q, deeper, region
+    cost = -q + np.float32(p.bm_deeper_weight) * deeper
+    if p.bm_cavity_weight > 0:
+        # an RPE-like edge anywhere deeper, under a cavity: the candidate is the roof of the cavity
+        far = _window_max(q, c1, max(c1 + 1, round(geo.ax(p.bm_search_depth_um))))
+        cost = cost + np.float32(p.bm_cavity_weight) * cavity * far
+        del far
+    cost = np.where(region, cost, np.float32(2.0)).astype(np.float32)
+    del q, deeper, region, cavity
     return _dp_path(cost, geo.jump(p.bm_max_slope), geo.jump_cost(p.bm_slope_cost)).astype(np.float64)
 
 
 def _bm_band_pass(x: npt.NDArray[np.float32], ilm: npt.NDArray[np.float64], reference: npt.NDArray[np.float64],
-                  geo: _Geometry, p: LayerParams) -> npt.NDArray[np.float64]:
-    """BM pass (b): integer rows of the strongest bright→dark edge in a band around the smooth reference."""
+                  lifted: npt.NDArray[np.bool_], geo: _Geometry, p: LayerParams) -> npt.NDArray[np.float64]:
+    """BM pass (b): integer rows of the strongest bright→dark edge in a band around the smooth reference.
+
+    Where the RPE edge of pass (a) is lifted above the reference (``lifted``), the band
+    reaches only ``bm_search_above_um`` above it: the lifted RPE is no candidate there.
+    """
     ny = x.shape[1]
     edge = _bm_edge(x, ilm, geo, p)[2]
     half = max(2, round(geo.ax(p.bm_search_um)))
     start = np.clip(np.round(reference).astype(np.intp), 0, ny - 1) - half
     band = np.take_along_axis(edge, np.clip(start[:, None, :] + np.arange(2 * half + 1)[None, :, None], 0, ny - 1),
                               axis=1)
+    up = max(1, round(geo.ax(min(p.bm_search_um, p.bm_search_above_um))))
+    above = (np.arange(2 * half + 1) < half - up)[None, :, None] & lifted[:, None, :]
+    band = np.where(above, np.float32(-1.0), band)
     path = _dp_path(-band, geo.jump(p.bm_max_slope), geo.jump_cost(p.bm_slope_cost), centre=start)
     return (start + path).astype(np.float64)
 
@@ -809,11 +885,20 @@ def _first_pass_bm(x: npt.NDArray[np.float32], ilm: npt.NDArray[np.float64], lo:
     bm_a, _ = _reject_outliers(bm_a, empty_cols, size=(geo.kz(p.bm_outlier_window_z_um),
                                                        _odd(geo.lat(p.outlier_window_lateral_um))),
                                threshold_px=geo.ax(p.outlier_um))
+    tol = geo.ax(p.bm_reference_tolerance_um)
     reference = _lower_envelope(bm_a, width_px=geo.lat(p.bm_reference_width_um),
-                                sigma_px=geo.lat(p.bm_reference_sigma_um), tol_px=geo.ax(p.bm_reference_tolerance_um))
+                                sigma_px=geo.lat(p.bm_reference_sigma_um), tol_px=tol)
     if not np.isfinite(reference).all():
         return bm_a
-    return np.concatenate([_bm_band_pass(x[b], ilm[b], reference[b], geo, p) for b in blocks])
+    if p.bm_stiff_width_um > p.bm_reference_width_um or p.bm_stiff_sigma_um > p.bm_reference_sigma_um:
+        # a stiffer surface bridges lesions wider than the reference's closing (a large PED,
+        # subretinal material); it replaces the reference only where that lies well above it
+        stiff = _lower_envelope(bm_a, width_px=geo.lat(max(p.bm_stiff_width_um, p.bm_reference_width_um)),
+                                sigma_px=geo.lat(max(p.bm_stiff_sigma_um, p.bm_reference_sigma_um)), tol_px=tol)
+        if np.isfinite(stiff).all():
+            reference = np.where(reference < stiff - 2.0 * tol, stiff, reference)
+    lifted = bm_a < reference - tol
+    return np.concatenate([_bm_band_pass(x[b], ilm[b], reference[b], lifted[b], geo, p) for b in blocks])
 
 
 def _refine(x: npt.NDArray[np.float32], surf: npt.NDArray[np.float64], blocks: list[slice], **kw: Any

@@ -378,3 +378,19 @@ def test_full_size_volume_with_every_lesion():
     assert float(np.mean(np.abs(res.ilm - ph.ilm))) <= 1.0
     assert float(np.mean(np.abs(res.bm - ph.bm))) <= 1.5
     assert seconds < 30.0  # about 2.5 s on two cores; generous for a loaded machine
+
+
+def test_lower_envelope_follows_a_steep_or_curved_surface_to_the_scan_edges() -> None:
+    """A closing wider than the B-scan must not drag the envelope under the data at the edges."""
+    from octpipe.preprocess.layers import _lower_envelope
+
+    x = np.arange(500, dtype=np.float64)
+    bowl = 300.0 + 150.0 * (1.0 - ((x - 250.0) / 250.0) ** 2)  # deep in the middle, rising to the edges
+    steep = 100.0 + 0.4 * x
+    for surf in (bowl, steep):
+        fit = _lower_envelope(surf[None], width_px=350.0, sigma_px=15.0, tol_px=8.0)[0]
+        assert np.abs(fit - surf).max() < 3.0
+    lifted = steep.copy()
+    lifted[200:260] -= 30.0  # a PED: bridged, not followed
+    fit = _lower_envelope(lifted[None], width_px=350.0, sigma_px=15.0, tol_px=8.0)[0]
+    assert np.abs(fit[200:260] - steep[200:260]).max() < 3.0
