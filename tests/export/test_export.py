@@ -267,12 +267,12 @@ def test_export_volume_writes_maps_sidecar_pictures_report_and_summary(tmp_path,
 
 
 def test_failed_export_leaves_no_folder_that_looks_done(tmp_path, prepared, monkeypatch):
-    import octpipe.export.run as run
+    import octpipe.export.volume as volume_export
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(run, "write_enface_figure", boom)
+    monkeypatch.setattr(volume_export, "write_enface_figure", boom)
     with pytest.raises(OSError):
         export_volume(prepared, untrained_model(), tmp_path, settings=MapSettings(precision="fp32"))
     assert not (tmp_path / prepared.volume_id).exists() and not list(tmp_path.iterdir())

@@ -222,7 +222,7 @@ def test_unreadable_input_and_output_in_place_of_a_file_are_one_line(capsys, tmp
 
 
 def test_a_store_volume_that_fails_is_listed_and_the_rest_goes_on(tmp_path, monkeypatch):
-    import octpipe.export.run as run
+    import octpipe.export.volume as volume_export
     from octpipe.io.writers.heyex_vol import write_heyex_vol
     from octpipe.pipeline import ingest
     from octpipe.store import volume_ids
@@ -233,21 +233,21 @@ def test_a_store_volume_that_fails_is_listed_and_the_rest_goes_on(tmp_path, monk
     store = tmp_path / "s.zarr"
     ingest([tmp_path / "src"], store, workers=0)
     bad, good = volume_ids(store)
-    real = run.compute_anomaly
+    real = volume_export.compute_anomaly
 
     def flaky(vol, *args, **kwargs):
         if vol.volume_id == bad:
             raise IndexError("simulated bug")
         return real(vol, *args, **kwargs)
 
-    monkeypatch.setattr(run, "compute_anomaly", flaky)
+    monkeypatch.setattr(volume_export, "compute_anomaly", flaky)
     out = tmp_path / "out"
     assert main(["--no-progress", "export", str(store), "--model", str(BUNDLED), "-o", str(out), *FAST]) == 1
     rows = {r["volume_id"]: r for r in _rows(out)}
     assert rows[good]["status"] == "ok" and rows[good]["rank"] == "1"
     assert rows[bad]["status"] == "failed" and rows[bad]["reason"] == "IndexError: simulated bug"
     assert json.loads((out / FAILED_NAME).read_text())[bad]["reason"] == "IndexError: simulated bug"
-    monkeypatch.setattr(run, "compute_anomaly", real)
+    monkeypatch.setattr(volume_export, "compute_anomaly", real)
     assert main(["--no-progress", "export", str(store), "--model", str(BUNDLED), "-o", str(out), *FAST]) == 0
     assert sorted(r["status"] for r in _rows(out)) == ["ok", "ok"] and not (out / FAILED_NAME).exists()
 
