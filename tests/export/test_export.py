@@ -278,6 +278,19 @@ def test_failed_export_leaves_no_folder_that_looks_done(tmp_path, prepared, monk
     assert not (tmp_path / prepared.volume_id).exists() and not list(tmp_path.iterdir())
 
 
+def test_a_background_writer_that_fails_leaves_no_folder_that_looks_done(tmp_path, prepared, monkeypatch):
+    """The NIfTI maps are written by a background thread; its error still stops the export."""
+    import octpipe.export.volume as volume_export
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(volume_export, "_write_nifti", boom)
+    with pytest.raises(OSError, match="disk full"):
+        export_volume(prepared, untrained_model(), tmp_path, settings=MapSettings(precision="fp32"))
+    assert not (tmp_path / prepared.volume_id).exists() and not list(tmp_path.iterdir())
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("export-run")
