@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,24 @@ def real_data() -> Path:
     if not REAL_DATA.is_dir():
         pytest.skip(f"real data folder {REAL_DATA} not present")
     return REAL_DATA
+
+
+def older_store_copy(store: Path, dest: Path, edit_attrs: Callable[[dict], dict]) -> Path:
+    """A copy of ``store`` at ``dest`` as an older octpipe wrote it: each volume group's attributes
+    passed through ``edit_attrs``, and the image arrays without ``dimension_names``."""
+    from octpipe.store import volume_ids
+
+    shutil.copytree(store, dest)
+    for vid in volume_ids(dest):
+        for path, edit in ((dest / "volumes" / vid / "zarr.json", "attributes"),
+                           (dest / "volumes" / vid / "image" / "zarr.json", "dimension_names")):
+            meta = json.loads(path.read_text())
+            if edit == "attributes":
+                meta["attributes"] = edit_attrs(meta["attributes"])
+            else:
+                meta.pop("dimension_names", None)
+            path.write_text(json.dumps(meta))
+    return dest
 
 
 def small_phantom(seed: int = 0, lesions: str = "", **kwargs):

@@ -1,7 +1,6 @@
 """Stored volumes are OME-Zarr (NGFF 0.5) images; stores written before that still read."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from octpipe.ome import AXES, display_scale, multiscales_metadata
 from octpipe.pipeline import ingest
 from octpipe.store import complete_volumes, read_volume_attrs, read_volume_group, volume_ids, write_volume
 from octpipe.testing.phantom_files import write_phantom_files
-from tests.conftest import small_phantom
+from tests.conftest import older_store_copy, small_phantom
 
 NO_VALIDATOR = "ome-zarr-models (the NGFF validator, a dev dependency) is not installed: pip install -e . --group dev"
 
@@ -154,18 +153,8 @@ def test_display_scale_and_metadata_arguments():
 
 def _make_old_style(store, tmp_path):
     """A copy of ``store`` as octpipe wrote it before OME-Zarr: no ``ome``, no dimension_names."""
-    old = tmp_path / "old.zarr"
-    shutil.copytree(store, old)
-    for vid in volume_ids(old):
-        meta_path = old / "volumes" / vid / "zarr.json"
-        meta = json.loads(meta_path.read_text())
-        del meta["attributes"]["ome"]
-        meta_path.write_text(json.dumps(meta))
-        arr_path = old / "volumes" / vid / "image" / "zarr.json"
-        arr = json.loads(arr_path.read_text())
-        arr.pop("dimension_names", None)
-        arr_path.write_text(json.dumps(arr))
-    return old
+    return older_store_copy(store, tmp_path / "old.zarr",
+                            lambda attrs: {k: v for k, v in attrs.items() if k != "ome"})
 
 
 def test_stores_without_ome_attributes_still_read(store, tmp_path):

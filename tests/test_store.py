@@ -1,7 +1,6 @@
 """The store owns the prepared volume's layout: write_prepared / read_prepared, one volume id, old stores."""
 
 import json
-import shutil
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from octpipe.store import (
     write_prepared,
 )
 from octpipe.testing.phantom_files import write_phantom_files
-from tests.conftest import small_phantom
+from tests.conftest import older_store_copy, small_phantom
 
 #: The volume attributes ingest wrote when the store first held prepared volumes (commit c74db13),
 #: before ``ome``, ``file_spacing_mm``, ``file_spacing_source``, ``images`` and ``images_reason``.
@@ -131,20 +130,13 @@ def test_one_volume_id_for_reader_file_export_and_store(source, tmp_path):
 
 def _make_first_layout(store: Path, tmp_path: Path) -> Path:
     """A copy of ``store`` with only the attributes the first preprocessing stores had."""
-    old = tmp_path / "old.zarr"
-    shutil.copytree(store, old)
-    for vid in volume_ids(old):
-        meta_path = old / "volumes" / vid / "zarr.json"
-        meta = json.loads(meta_path.read_text())
-        attrs = {k: v for k, v in meta["attributes"].items() if k in FIRST_KEYS}
+
+    def first(attrs: dict) -> dict:
+        attrs = {k: v for k, v in attrs.items() if k in FIRST_KEYS}
         attrs["preprocess"]["flatten"].pop("axial_spacing_um")  # added to FlattenConfig later
-        meta["attributes"] = attrs
-        meta_path.write_text(json.dumps(meta))
-        arr_path = old / "volumes" / vid / "image" / "zarr.json"
-        arr = json.loads(arr_path.read_text())
-        arr.pop("dimension_names", None)
-        arr_path.write_text(json.dumps(arr))
-    return old
+        return attrs
+
+    return older_store_copy(store, tmp_path / "old.zarr", first)
 
 
 def test_stores_of_the_first_layout_still_read_as_prepared_volumes(source, tmp_path):
