@@ -39,7 +39,7 @@ Variants (inference_mode, eval mode, inputs uniform in [-1, 1]; paper config: la
   ``compiled-bf16-fast``;
 - ``octpipe-auto``: what ``score_patches`` runs per batch with its defaults (``_setup`` once, then
   ``_score_batch``) for the naive run's three scores (A_R, A_D, A: what the export computes), at
-  batch 64 and at the big batches (``score_patches`` defaults to 64 for float32 on a CPU, 256
+  batch 64 and at the big batches (``score_patches`` defaults to 32 for float32 on a CPU, 256
   otherwise); ``octpipe-auto+z`` (paper config, batch 64) also encodes x_rec for the z distance
   (a fifth pass, which the naive run does not make); and
   ``octpipe-naive``: the same code with ``fast=False, precision='fp32', channels_last=False``.

@@ -39,7 +39,7 @@ def export(
     threshold: float = typer.Option(3.0, "--threshold", help="Residual, in units of the normal RMS residual, "
                                                               "above which voxels are segmented; > 0. Default 3."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1,
-                                            help="Windows per forward pass. Default: 64 for float32 on a "
+                                            help="Windows per forward pass. Default: 32 for float32 on a "
                                                  "CPU, else 256."),
     device: str = typer.Option("auto", "--device", help="auto (default; CUDA when available), cpu or cuda."),
     precision: str = typer.Option("auto", "--precision", help="auto (default: bf16 on CUDA and on CPUs with "

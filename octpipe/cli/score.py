@@ -17,7 +17,7 @@ def score(
                                                        "z_distance (one row per patch)."),
     split: str = typer.Option("test", "--split", help="Patch split to score. Default test."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1,
-                                            help="Patches per forward pass. Default: 64 for float32 on a "
+                                            help="Patches per forward pass. Default: 32 for float32 on a "
                                                  "CPU, else 256."),
     device: str = typer.Option("auto", "--device", help="auto (default; CUDA when available), cpu or cuda."),
     precision: str = typer.Option("auto", "--precision", help="auto (default: bf16 autocast on CUDA and on "

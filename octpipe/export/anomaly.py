@@ -51,7 +51,7 @@ class MapSettings:
     weighting : {'gaussian', 'hann', 'constant'}, default 'gaussian'
         Window weighting of the merge.
     batch_size : int or None
-        Windows per forward pass; None (default) = 64 for float32 on a CPU, else 256
+        Windows per forward pass; None (default) = 32 for float32 on a CPU, else 256
         (:func:`~octpipe.models.fanogan.score.resolve_batch_size`).
     device, precision : str
         As :func:`octpipe.models.fanogan.score.score_patches` (``auto``).

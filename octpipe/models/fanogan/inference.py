@@ -34,7 +34,6 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import skip_init
 
 from octpipe.models.fanogan.checkpoint import FAnoGANModel
 from octpipe.models.fanogan.networks import ConvMeanPool, ResidualBlock, UpsampleConv
@@ -54,6 +53,18 @@ __all__ = [
 #: Per-axis maps from a 3-tap kernel to the equivalent 4-tap stride-2 kernel.
 _MEANPOOL_TAPS = ((1.0, 0.0, 0.0), (1.0, 1.0, 0.0), (0.0, 1.0, 1.0), (0.0, 0.0, 1.0))  # times 1/2
 _UPSAMPLE_TAPS = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
+
+
+def _layer_to_fill(cls: type[nn.Module], *args: object, device: torch.device, **kwargs: object) -> nn.Module:
+    """A new layer whose parameters the caller overwrites at once.
+
+    Built on the CPU with its usual initialisation under a forked CPU random state (the global
+    random streams are left as they were), then moved to ``device``. ``torch.nn.utils.skip_init``
+    does the same through the meta device, but its first call in a process takes about 0.3 s.
+    """
+    with torch.random.fork_rng(devices=[]):
+        layer = cls(*args, **kwargs)
+    return layer.to(device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,7 +110,7 @@ def fold_conv_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
             shift = shift + bn.bias.double()
         if conv.bias is not None:
             shift = shift + conv.bias.double() * scale
-        fused = skip_init(nn.Conv2d, conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+        fused = _layer_to_fill(nn.Conv2d, conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                           padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
                           padding_mode=conv.padding_mode, device=conv.weight.device)
         fused.weight.copy_(conv.weight.double() * scale[:, None, None, None])
@@ -187,7 +198,7 @@ class StridedMeanPoolConv(nn.Module):
         conv = source.conv
         if conv.kernel_size != (3, 3):
             raise ValueError(f"only 3x3 kernels are rewritten, got {conv.kernel_size}")
-        self.conv = skip_init(nn.Conv2d, conv.in_channels, conv.out_channels, 4, stride=2, padding=1,
+        self.conv = _layer_to_fill(nn.Conv2d, conv.in_channels, conv.out_channels, 4, stride=2, padding=1,
                               bias=conv.bias is not None, device=conv.weight.device)
         with torch.no_grad():
             self.conv.weight.copy_(_expand_kernel(conv.weight, _MEANPOOL_TAPS, 0.25))
@@ -229,7 +240,7 @@ class TransposedUpsampleConv(nn.Module):
         conv = source.conv
         if conv.kernel_size != (3, 3):
             raise ValueError(f"only 3x3 kernels are rewritten, got {conv.kernel_size}")
-        self.conv = skip_init(nn.ConvTranspose2d, conv.in_channels, conv.out_channels, 4, stride=2, padding=1,
+        self.conv = _layer_to_fill(nn.ConvTranspose2d, conv.in_channels, conv.out_channels, 4, stride=2, padding=1,
                               bias=conv.bias is not None, device=conv.weight.device)
         with torch.no_grad():
             self.conv.weight.copy_(_expand_kernel(conv.weight, _UPSAMPLE_TAPS, 1.0).transpose(0, 1))

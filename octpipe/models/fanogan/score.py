@@ -160,10 +160,11 @@ def resolve_precision(precision: str, device: torch.device, *, training: bool) -
     return precision
 
 
-#: Default patches per forward pass: float32 on a CPU at 64 (the activations of a batch stay in
-#: cache; on an AVX2 CPU batch 256 ran at 0.6-0.9x the rate of batch 64), otherwise 256 (bfloat16
+#: Default patches per forward pass: float32 on a CPU at 32 (the activations of a batch stay in
+#: cache: on 2 AVX2 cores the bundled width scored about 800 patches/s at 32, 700 at 64 and 570
+#: at 128, the paper's width 2.5x the naive run at 32 and 2.3x at 64), otherwise 256 (bfloat16
 #: kernels and GPUs gain from larger batches). ``benchmarks/results/fanogan.json``.
-CPU_FP32_BATCH, DEFAULT_BATCH = 64, 256
+CPU_FP32_BATCH, DEFAULT_BATCH = 32, 256
 
 
 def resolve_batch_size(batch_size: int | None, device: torch.device, precision: str) -> int:
@@ -191,7 +192,7 @@ def resolve_batch_size(batch_size: int | None, device: torch.device, precision: 
     Examples
     --------
     >>> resolve_batch_size(None, torch.device("cpu"), "fp32"), resolve_batch_size(None, torch.device("cpu"), "bf16")
-    (64, 256)
+    (32, 256)
     >>> resolve_batch_size(32, torch.device("cpu"), "fp32")
     32
     """
@@ -353,7 +354,7 @@ def score_patches(
         Patches, shape ``(N, C, H, W)`` (or ``(N, H, W)`` for one channel), values in [-1, 1];
         an iterable of such blocks is streamed and re-batched.
     batch_size : int or None
-        Patches per forward pass; None (default) = :func:`resolve_batch_size` (64 for float32 on
+        Patches per forward pass; None (default) = :func:`resolve_batch_size` (32 for float32 on
         a CPU, else 256). The last, partial batch is scored too.
     device : str, torch.device or None
         ``'auto'``, ``'cpu'``, ``'cuda'``; None keeps the model's current device.
