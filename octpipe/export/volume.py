@@ -26,6 +26,7 @@ from octpipe.edge import staged_dir
 from octpipe.export.anomaly import MapSettings, VolumeAnomaly, compute_anomaly
 from octpipe.export.enface import enface_projections, etdrs_labels, find_fovea, physical_coordinates, sector_table
 from octpipe.export.figures import write_enface_figure, write_gif, write_overlays
+from octpipe.io.nifti import write_nifti
 from octpipe.models.fanogan.model import FAnoGANModel
 from octpipe.preprocess.prepare import PreparedVolume
 
@@ -103,8 +104,9 @@ def _json_default(value: Any) -> Any:
 
 
 def _write_nifti(out: Path, result: VolumeAnomaly, spacing: tuple[float, float, float]) -> list[Path]:
-    from octpipe.io.nifti import write_nifti
-
+    # runs in a writer thread: write_nifti is imported at module level, because importing it
+    # imports pydicom, which the DICOM writer imports in the calling thread at the same time, and
+    # concurrent first imports of a package can leave it partially initialised
     paths = [write_nifti(out / "anomaly.nii.gz", result.residual, spacing_mm=spacing,
                          description="octpipe anomaly: residual / normal RMS residual"),
              write_nifti(out / "source.nii.gz", result.background, spacing_mm=spacing,
