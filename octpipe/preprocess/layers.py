@@ -130,10 +130,13 @@ class LayerParams:
         ILM has a stronger linear-domain edge than the ILM).
     ilm_below_from_um, ilm_below_to_um, ilm_below_weight, ilm_tissue_level : float
         Window under an ILM candidate that must hold tissue: where its mean brightness
-        (0 = dark level, 1 = brightest) is below ``ilm_tissue_level`` the candidate
-        costs up to ``ilm_below_weight``, and its edge does not count as a first edge for
-        the candidates under it. A detached hyaloid or a membrane in the vitreous is a
-        thin bright line with vitreous under it.
+        (0 = dark level, 1 = brightest) exceeds that of the same window above the
+        candidate by less than ``ilm_tissue_level``, the candidate costs up to
+        ``ilm_below_weight``, and its edge does not count as a first edge for the
+        candidates under it. A detached hyaloid or a membrane in the vitreous is a thin
+        bright line with the same vitreous under it as over it; a dim inner retina
+        (thin nerve fibre layer near the fovea, a dim export) is darker than the
+        outer retina but still brighter than the vitreous over it.
     bm_above_um : float
         Height of the bright band that must lie above a BM candidate.
     bm_gate_low, bm_gate_high : float
@@ -203,8 +206,15 @@ class LayerParams:
     qc_min_ilm_contrast, qc_min_bm_contrast : float
         Below this median step across the surface, relative to the image's range (99th
         minus 20th percentile), flag ``no_retina`` (ILM) or ``bm_low_contrast`` (BM).
-        Real B-scans of five devices give 0.38-0.69 (ILM) and 0.11-0.40 (BM); noise
-        gives about 0.
+        Real B-scans of five devices mostly give 0.38-0.69 (ILM, 0.23 on the dimmest
+        crop) and 0.11-0.40 (BM); uniform noise 0.15-0.23 (ILM), which the next
+        measure tells apart.
+    qc_min_retina_contrast : float
+        Below this mean brightness of the retina (ILM to BM) over that of everything above
+        the ILM, relative to the same range, flag ``no_retina`` too. A path through noise
+        can find a step where it looks for one (up to 0.23 on uniform noise); the retina
+        as a whole is not brighter than the noise over it (0.02-0.03), and a real retina
+        is (0.16 and more on the 969 real B-scans of six devices in ../shared/data).
     vendor_min_finite_fraction : float
         Vendor layers must be finite on at least this fraction of A-scans.
     vendor_max_median_difference_um : float
@@ -244,7 +254,7 @@ class LayerParams:
     ilm_below_from_um: float = 20.0
     ilm_below_to_um: float = 100.0
     ilm_below_weight: float = 1.0
-    ilm_tissue_level: float = 0.3
+    ilm_tissue_level: float = 0.12
     bm_above_um: float = 12.0
     bm_gate_low: float = 0.55
     bm_gate_high: float = 0.75
@@ -282,6 +292,7 @@ class LayerParams:
     qc_max_border_fraction: float = 0.05
     qc_min_ilm_contrast: float = 0.2
     qc_min_bm_contrast: float = 0.08
+    qc_min_retina_contrast: float = 0.08
     vendor_min_finite_fraction: float = 0.8
     vendor_max_median_difference_um: float = 30.0
 
@@ -793,7 +804,11 @@ def _first_pass_ilm(x: npt.NDArray[np.float32], valid: npt.NDArray[np.bool_], ge
     # a membrane) has dark vitreous under it, the ILM has tissue
     b0 = max(1, round(geo.ax(p.ilm_below_from_um)))
     b1 = max(b0 + 1, round(geo.ax(p.ilm_below_to_um)))
-    tissue = np.clip(_window_mean(level, b0, b1) / np.float32(p.ilm_tissue_level), 0.0, 1.0)
+    # measured against the window as far above it: the vitreous over a dim retina is darker
+    # still, the vitreous over a detached hyaloid is not (a contrast, whatever the noise floor)
+    under = _window_mean(level, b0, b1) - _window_mean(level, -b1, -b0 + 1)
+    tissue = np.clip(under / np.float32(p.ilm_tissue_level), 0.0, 1.0)
+    del under
     if p.ilm_below_weight > 0:
         cost += np.float32(p.ilm_below_weight) * (1.0 - tissue)
     del level
@@ -1018,7 +1033,7 @@ def segment_ilm_bm(
 
     inpainted = {"ilm": float(np.mean(ilm_bad | ilm_bad2)), "bm": float(np.mean(bm_bad | bm_bad2))}
     spacing = (geo.dz_um / 1e3, geo.dy_um / 1e3, geo.dx_um / 1e3)
-    qc = layer_qc(x, ilm, bm, spacing_mm=spacing, params=p, inpainted=inpainted)
+    qc = layer_qc(x, ilm, bm, spacing_mm=spacing, params=p, inpainted=inpainted, valid=valid)
     qc["source"] = "octpipe"
     return LayerResult(ilm=ilm, bm=bm, qc=qc, spacing_mm=spacing, params=p)
 
@@ -1042,6 +1057,7 @@ def layer_qc(
     spacing_mm: tuple[float, float, float],
     params: LayerParams | None = None,
     inpainted: Mapping[str, float] | None = None,
+    valid: npt.ArrayLike | None = None,
 ) -> dict[str, Any]:
     """Quality-control measures of an ILM/BM pair on a display-domain volume.
 
@@ -1057,6 +1073,9 @@ def layer_qc(
         Thresholds (``qc_*``, thickness range).
     inpainted : mapping, optional
         Fraction of inpainted A-scans per surface (``{"ilm": f, "bm": f}``).
+    valid : array_like of bool, optional
+        Pixels with data (the volume's shape); the retina's contrast ignores the others
+        (fill regions).
 
     Returns
     -------
@@ -1064,7 +1083,8 @@ def layer_qc(
         ``thickness_ok_fraction``, ``thickness_um`` (median), ``inpainted_fraction``,
         ``contrast`` (median step in display units: below − above the ILM, above −
         below BM), ``relative_contrast`` (the same over the image's 20th-99th
-        percentile range, which the flags use) and ``flags``: ``no_retina``, ``bm_low_contrast``,
+        percentile range, which the flags use, with ``retina``: the retina's mean over
+        that of everything above the ILM) and ``flags``: ``no_retina``, ``bm_low_contrast``,
         ``thickness_out_of_range``, ``ilm_inpainted``, ``bm_inpainted``, ``ilm_at_border``,
         ``bm_at_border``, ``missing_values``; ``border_fraction`` per surface.
 
@@ -1106,8 +1126,11 @@ def layer_qc(
     low, high = np.percentile(sample, [20.0, 99.0]) if sample.size else (0.0, 1.0)
     span = max(float(high - low), 1e-3)
     relative = {name: value / span for name, value in contrast.items()}
+    relative["retina"] = _retina_contrast(vol, ilm, bm, None if valid is None else np.asarray(valid, dtype=bool)) / span
     flags = []
-    if not relative["ilm"] >= p.qc_min_ilm_contrast:
+    # the step across the ILM is measured where the path found it, which noise can feign;
+    # the retina between ILM and BM against everything above the ILM it cannot
+    if not relative["ilm"] >= p.qc_min_ilm_contrast or relative["retina"] < p.qc_min_retina_contrast:
         flags.append("no_retina")
     if not relative["bm"] >= p.qc_min_bm_contrast:
         flags.append("bm_low_contrast")
@@ -1128,6 +1151,26 @@ def layer_qc(
         "relative_contrast": relative,
         "flags": flags,
     }
+
+
+def _retina_contrast(vol: npt.NDArray[np.float32], ilm: npt.NDArray[np.float64], bm: npt.NDArray[np.float64],
+                     valid: npt.NDArray[np.bool_] | None) -> float:
+    """Mean brightness between ILM and BM minus the mean above the ILM (up to 8 B-scans).
+
+    NaN where less than 1 % of the pixels lie above the ILM (a retina cut by the top of the
+    image): there is nothing to compare with.
+    """
+    step = max(1, vol.shape[0] // 8)
+    sub, top, bottom = vol[::step], ilm[::step, None, :], bm[::step, None, :]
+    rows = np.arange(vol.shape[1])[None, :, None]
+    above = rows < top - 1.0  # NaN surfaces compare False: those A-scans are left out
+    inside = (rows > top + 1.0) & (rows < bottom - 1.0)
+    if valid is not None:
+        above &= valid[::step]
+        inside &= valid[::step]
+    if above.sum() < 0.01 * sub.size or not inside.any():
+        return float("nan")
+    return float(sub[inside].mean() - sub[above].mean())
 
 
 def _fraction(mask: np.ndarray) -> float:

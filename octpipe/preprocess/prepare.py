@@ -216,7 +216,7 @@ def prepare_volume(vol: OctVolume, config: PreprocessConfig | None = None, *,
     -------
     PreparedVolume
     """
-    from octpipe.preprocess.scale import resolve_spacing
+    from octpipe.preprocess.scale import resolve_spacing, spacing_flags
 
     config = config or PreprocessConfig()
     display = to_display(vol.data, domain=vol.intensity,  # type: ignore[arg-type]
@@ -253,6 +253,7 @@ def prepare_volume(vol: OctVolume, config: PreprocessConfig | None = None, *,
     qc["scaled_fraction"] = float((flatmap[1] < base * (1.0 - 1e-6)).mean())
     if vol.spacing_source == "estimated":
         qc["spacing_estimate"] = vol.meta.get("spacing_estimate")
+        qc["flags"] = list(qc.get("flags", [])) + spacing_flags(vol)
     prov = vol.provenance
     info: dict[str, Any] = {"format": prov.format if prov else None, "reader": prov.reader if prov else "",
                             "sha256": prov.sha256 if prov else "", "series": prov.series if prov else 0,
@@ -282,7 +283,7 @@ def segment_source(vol: OctVolume, *, use_vendor: bool = False, display_transfor
         The volume with the spacing used (``spacing_source`` ``"estimated"`` when estimated).
     """
     from octpipe.preprocess.layers import choose_layers, segment_ilm_bm
-    from octpipe.preprocess.scale import resolve_spacing
+    from octpipe.preprocess.scale import resolve_spacing, spacing_flags
 
     display = to_display(vol.data, domain=vol.intensity,  # type: ignore[arg-type]
                          full_scale=display_full_scale(vol.meta, vol.data),
@@ -291,4 +292,5 @@ def segment_source(vol: OctVolume, *, use_vendor: bool = False, display_transfor
     result = segment_ilm_bm(display, spacing_mm=vol.spacing_mm, invalid=vol.invalid, params=layer_params(vol))
     vendor = {k: vol.layers[k] for k in ("ILM", "BM") if k in vol.layers}
     result = choose_layers(result, vendor if len(vendor) == 2 else None, use_vendor=use_vendor)
+    result.qc["flags"] = list(result.qc.get("flags", [])) + spacing_flags(vol)
     return result, vol

@@ -32,13 +32,20 @@ import numpy.typing as npt
 
 from octpipe.volume import OctVolume
 
-__all__ = ["PRIOR_THICKNESS_UM", "estimate_spacing", "resolve_spacing"]
+__all__ = ["MAX_AXIAL_FIELD_MM", "PRIOR_THICKNESS_UM", "estimate_spacing", "resolve_spacing", "spacing_flags"]
 
 #: Median ILM–BM thickness of a macular B-scan that sets the scale of an image without spacing.
 PRIOR_THICKNESS_UM = 300.0
 
 #: B-scans used for the estimate (evenly spread over the volume).
 _MAX_BSCANS = 5
+
+#: Largest axial field of view (rows x axial spacing) an estimate may give. Retinal OCT
+#: devices image 1.9-2.6 mm axially, and a crop only shrinks the field; the 964 real
+#: B-scans without spacing in ../shared/data get 0.5-2.95 mm. A larger estimate means
+#: the "retina" measured was a thin band (the RPE alone): the spacing is held at this
+#: bound and the segmentation flagged ``spacing_implausible``.
+MAX_AXIAL_FIELD_MM = 3.5
 
 
 def estimate_spacing(
@@ -69,8 +76,9 @@ def estimate_spacing(
     spacing_mm : (float, float, float)
         The estimate (4 significant digits); the input when no retina was found.
     info : dict
-        ``thickness_px`` (median, last round), ``rounds``, ``converged`` and ``reason``
-        when the guess was kept.
+        ``thickness_px`` (median, last round), ``rounds``, ``converged``,
+        ``implausible`` (the last round's estimate exceeded :data:`MAX_AXIAL_FIELD_MM`
+        and was held there) and ``reason`` when the guess was kept or held.
 
     Examples
     --------
@@ -107,6 +115,11 @@ def estimate_spacing(
         t_px = float(np.median(thick))
         info["thickness_px"] = round(t_px, 2)
         new_dy = PRIOR_THICKNESS_UM / 1e3 / t_px
+        info["implausible"] = new_dy * arr.shape[1] > MAX_AXIAL_FIELD_MM
+        if info["implausible"]:
+            info["reason"] = (f"a retina {t_px:.1f} px thick would make the axial field "
+                              f"{new_dy * arr.shape[1]:.1f} mm; held at {MAX_AXIAL_FIELD_MM} mm")
+            new_dy = MAX_AXIAL_FIELD_MM / arr.shape[1]
         change = abs(new_dy - dy) / dy
         dy, dx = new_dy, new_dy * ratio
         if change < tolerance:
@@ -146,3 +159,9 @@ def resolve_spacing(vol: OctVolume, display: npt.ArrayLike) -> OctVolume:
         return replace(vol, meta={**vol.meta, "spacing_estimate": info})
     return replace(vol, spacing_mm=spacing, spacing_source="estimated",
                    meta={**vol.meta, "spacing_estimate": info})
+
+
+def spacing_flags(vol: OctVolume) -> list[str]:
+    """QC flags of a volume's spacing estimate: ``["spacing_implausible"]`` or ``[]``."""
+    est = vol.meta.get("spacing_estimate") if vol.spacing_source == "estimated" else None
+    return ["spacing_implausible"] if isinstance(est, dict) and est.get("implausible") else []

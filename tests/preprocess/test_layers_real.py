@@ -28,8 +28,10 @@ ITEMS = list(real_bscans(DATA)) if DATA is not None else []
 #: each. ``no_retina`` is never one of them: the retina is found on every real B-scan.
 #: The ``*_at_border`` flags where the retina leaves the image: the circle scan valid.vol (cupped disc,
 #: wrap-around artefacts in the top rows), cropped exports whose BM runs out at the bottom (OCTDL DME)
+#: ``spacing_implausible`` where the retina found would need more axial field than any device has
+#: (Kermany NORMAL-5193994-1: a dim inner retina over a bright RPE, the RPE taken for the retina).
 AGREED_FLAGS = {"bm_low_contrast", "thickness_out_of_range", "ilm_inpainted", "bm_inpainted", "ilm_at_border",
-                "bm_at_border"}
+                "bm_at_border", "spacing_implausible"}
 #: At most this share of a source's B-scans may carry such flags (measured: at most 10 %, OCTDL val DME and ERM).
 MAX_FLAGGED_FRACTION = 0.12
 
@@ -53,6 +55,34 @@ def test_retina_found_on_real_sample(item) -> None:
     assert "no_retina" not in res.qc["flags"], res.qc
     thick = (res.bm - res.ilm)[0] * vol.spacing_mm[1] * 1e3
     assert np.median(thick) > 100 and np.isfinite(res.ilm).all() and np.isfinite(res.bm).all()
+
+
+def _item(source: str, name: str):
+    return next(it for it in ITEMS if it.source == source and it.path.name == name)
+
+
+def test_ilm_keeps_off_a_detached_hyaloid_and_over_a_dim_inner_retina() -> None:
+    """The ILM's tissue test: a hyaloid has vitreous under it, a dim inner retina does not.
+
+    Spectralis_2 has a bright detached hyaloid 20-120 px over the retina (taken as ILM on
+    two thirds of the A-scans without the test). On the OCTDL ERM B-scan the inner retina
+    by the fovea is dim; an absolute brightness test dropped the ILM to the photoreceptors
+    there (19 % of the A-scans, thickness_out_of_range); against the vitreous over it the
+    inner retina is tissue.
+    """
+    hyaloid = _item("bilalhassan-raw", "Spectralis_2.jpeg")
+    res, vol = segment_source(read_volume(hyaloid.path))
+    truth = label_ilm(hyaloid.truth_path, vol.shape[1:])
+    ok = np.isfinite(truth)
+    err = np.abs(res.ilm[0][ok] - truth[ok])
+    # the label maps sit about 9 px off this export's ILM (benchmarks/layers_real.py); the
+    # hyaloid lies 20 px and more above it
+    assert np.mean(err > 20) < 0.03, np.mean(err > 20)
+    dim = _item("octdl-val-ERM", "erm_5110347_5.jpg")
+    res, vol = segment_source(read_volume(dim.path))
+    thick = (res.bm - res.ilm)[0]
+    assert not res.qc["flags"], res.qc["flags"]
+    assert np.mean(thick < 0.6 * np.median(thick)) < 0.02
 
 
 def _label_errors(items: list) -> list[float]:
@@ -120,11 +150,12 @@ def test_sweep_every_real_bscan() -> None:
 
 @pytest.mark.slow
 def test_lesion_pixels_inside_retina_over_all_outlines() -> None:
-    """Lesion outlines (inside-retina classes) between ILM and BM + 10 px: 0.942 measured.
+    """Lesion outlines (inside-retina classes) between ILM and BM + 10 px: 0.946 measured.
 
     The target is 0.95 (0.871 before BM learnt to go under huge cystoid cavities and wide
-    PED/subretinal material); the ILM under superficial cysts and in steep foveal pits, and
-    subretinal material outlined down into the choroid or off the image edge, keep the rest
+    PED/subretinal material, 0.942 before the ILM's tissue test became a contrast with the
+    vitreous over it); cysts open to the vitreous, the ILM under some superficial cysts, and
+    subretinal material outlined down into the choroid or off the image edge keep the rest
     out. This holds the measured level.
     """
     tot = inside_n = 0
@@ -135,4 +166,4 @@ def test_lesion_pixels_inside_retina_over_all_outlines() -> None:
         inside = (rows >= res.ilm[0][None] - 0.5) & (rows <= res.bm[0][None] + 10)
         tot += int((lab > 0).sum())
         inside_n += int((inside & (lab > 0)).sum())
-    assert tot > 1_000_000 and inside_n / tot >= 0.94
+    assert tot > 1_000_000 and inside_n / tot >= 0.945

@@ -87,3 +87,26 @@ def test_prepared_volume_records_the_estimate() -> None:
     assert prepared.flat.shape[1] == 128 and prepared.bm_row == 112
     result, used = segment_source(vol)
     assert used.spacing_mm == prepared.spacing_mm and "no_retina" not in result.qc["flags"]
+
+
+def test_an_estimate_beyond_any_device_field_is_held_and_flagged() -> None:
+    """A retina 12 px thick in 496 rows would need 12 mm of axial field: held at 3.5 mm, flagged.
+
+    On the Kermany normal B-scan NORMAL-5193994-1 the first passes found the RPE alone,
+    and the estimate ran away to 20 µm/px (10 mm of field) without any flag.
+    """
+    from octpipe.preprocess.intensity import linear_to_display
+    from octpipe.preprocess.scale import MAX_AXIAL_FIELD_MM, spacing_flags
+    from octpipe.testing.phantoms import make_phantom
+
+    ph = make_phantom(np.random.default_rng(0), shape=(1, 496, 256), spacing_mm=(0.1, 0.025, 0.0226))
+    display = linear_to_display(ph.data)
+    spacing, info = estimate_spacing(display, DEFAULT_SPACING_MM)
+    assert info["implausible"] and "held at" in info["reason"]
+    assert spacing[1] * 496 == pytest.approx(MAX_AXIAL_FIELD_MM, rel=1e-3)
+    vol = read_bscan_image(_require(KERMANY_NORMAL))
+    est = resolve_spacing(vol, vol.data / 255.0)
+    assert not est.meta["spacing_estimate"]["implausible"] and spacing_flags(est) == []
+    kermany = shared_data() / "cohorts/Goodsea_heysaw/deploy/val/NORMAL/NORMAL-5193994-1.jpeg"
+    result, used = segment_source(read_bscan_image(_require(kermany)))
+    assert "spacing_implausible" in result.qc["flags"] and used.spacing_mm[1] * 496 <= MAX_AXIAL_FIELD_MM
