@@ -151,6 +151,9 @@ class LayerParams:
         over a cavity costs up to ``bm_cavity_weight`` times the strongest RPE-like edge
         anywhere deeper (down to ``bm_search_depth_um``): it is the cavity's roof. The
         choroid under Bruch's membrane is not as dark as the vitreous.
+    bm_dive_slope : float
+        Slope (µm/µm) beyond which the end of a first BM pass that reaches the image
+        bottom counts as a dive into an optic disc (see ``_terminal_dives``).
     bm_search_depth_um : float
         Depth under the ILM searched for BM (at least ``max_thickness_um``): a retina
         lifted by a huge cystoid cavity can be thicker than the plausible range.
@@ -264,6 +267,7 @@ class LayerParams:
     bm_cavity_to_um: float = 40.0
     bm_cavity_level: float = 0.12
     bm_cavity_weight: float = 1.0
+    bm_dive_slope: float = 0.1
     bm_search_depth_um: float = 1600.0
     bm_reference_width_um: float = 2000.0
     bm_reference_sigma_um: float = 200.0
@@ -891,13 +895,54 @@ def _bm_band_pass(x: npt.NDArray[np.float32], ilm: npt.NDArray[np.float64], refe
     return (start + path).astype(np.float64)
 
 
+def _terminal_dives(bm_a: npt.NDArray[np.float64], geo: _Geometry, p: LayerParams) -> npt.NDArray[np.bool_]:
+    """A-scans at either end of a B-scan where the first BM pass dives to the image bottom.
+
+    At an optic disc at the edge of a macular scan there is no RPE: the path follows the
+    disc's edges down to the last rows, and the deep-biased reference would carry that
+    dive inwards. The dive is the end stretch that reaches the bottom rows, back through
+    the deepest tenth of the image and then to where the path last ran flatter than
+    ``bm_dive_slope`` (over 300 µm of A-scans); those A-scans are bridged from their
+    neighbours instead. A dive over more than a third of the B-scan, or one that lies on
+    the bottom rows for less than 30 % of its length (a tilted retina leaving the image at
+    a corner), is left alone.
+    """
+    nz, nx = bm_a.shape
+    out = np.zeros((nz, nx), dtype=bool)
+    bottom = geo.ny - 1 - max(1, round(geo.ax(p.bm_above_um)))
+    w = max(2, round(geo.lat(300.0)))
+    if nx < 3 * w:
+        return out
+    for z in range(nz):
+        for surf, flip in ((bm_a[z], False), (bm_a[z, ::-1], True)):
+            at_bottom = np.nonzero(surf[2 * nx // 3:] >= bottom)[0]
+            if at_bottom.size == 0:
+                continue
+            c = 2 * nx // 3 + int(at_bottom[0])
+            # walk back through the deepest tenth of the image, where the dive levels out on
+            # the bottom, then while it descends steeply (µm per µm over w A-scans)
+            while c > 0 and surf[c - 1] >= bottom - 0.1 * geo.ny:
+                c -= 1
+            while c - w >= 0 and (surf[c] - surf[c - w]) * geo.dy_um / (w * geo.dx_um) > p.bm_dive_slope:
+                c -= 1
+            # at a disc the path then lies on the last rows over a long stretch (the search
+            # ran out of image); a tilted retina leaving the image reaches them at the corner
+            if nx - c <= nx // 3 and np.mean(surf[c:] >= bottom) >= 0.3:
+                if flip:
+                    out[z, :nx - c] = True
+                else:
+                    out[z, c:] = True
+    return out
+
+
 def _first_pass_bm(x: npt.NDArray[np.float32], ilm: npt.NDArray[np.float64], lo: np.ndarray,
                    empty_cols: npt.NDArray[np.bool_], geo: _Geometry, p: LayerParams,
                    blocks: list[slice]) -> npt.NDArray[np.float64]:
     """Integer BM rows: RPE-complex edge (a), smooth reference that ignores lifts, banded search (b)."""
     bm_a = np.concatenate([_bm_rpe_pass(x[b], ilm[b], lo[b], geo, p) for b in blocks])
+    missing = empty_cols | _terminal_dives(bm_a, geo, p)
     # (b) smooth reference under the lifted stretches, then the strongest edge near it
-    bm_a, _ = _reject_outliers(bm_a, empty_cols, size=(geo.kz(p.bm_outlier_window_z_um),
+    bm_a, _ = _reject_outliers(bm_a, missing, size=(geo.kz(p.bm_outlier_window_z_um),
                                                        _odd(geo.lat(p.outlier_window_lateral_um))),
                                threshold_px=geo.ax(p.outlier_um))
     tol = geo.ax(p.bm_reference_tolerance_um)

@@ -394,3 +394,23 @@ def test_lower_envelope_follows_a_steep_or_curved_surface_to_the_scan_edges() ->
     lifted[200:260] -= 30.0  # a PED: bridged, not followed
     fit = _lower_envelope(lifted[None], width_px=350.0, sigma_px=15.0, tol_px=8.0)[0]
     assert np.abs(fit[200:260] - steep[200:260]).max() < 3.0
+
+
+def test_a_dive_into_the_optic_disc_at_a_scan_end_is_bridged() -> None:
+    """First-pass BM that dives to the image bottom at one end (an optic disc) is left out; a crop is not."""
+    from octpipe.preprocess.layers import _Geometry, _terminal_dives
+
+    geo = _Geometry(nz=2, ny=320, nx=880, dz_um=0.0, dy_um=5.0, dx_um=15.0)
+    x = np.arange(880, dtype=np.float64)
+    flat = 200.0 + 0.02 * x
+    dive = np.minimum(flat + 1.2 * np.clip(x - 760, 0, None) ** 1.3, 319.0)  # disc on the right
+    left = dive[::-1].copy()  # ... or on the left
+    mask = _terminal_dives(np.stack([dive, left]), geo, LayerParams())
+    assert mask[0, 775:].all() and not mask[0, :740].any()
+    assert mask[1, :105].all() and not mask[1, 140:].any()
+    # a retina cropped at the bottom over half the B-scan is not a dive, nor a tilted one
+    # that leaves the image at the corner
+    crop = np.minimum(200.0 + 0.3 * x, 319.0)[None]
+    tilted = np.minimum(flat + 0.55 * np.clip(x - 680, 0, None), 319.0)[None]
+    assert not _terminal_dives(crop, geo, LayerParams()).any()
+    assert not _terminal_dives(tilted, geo, LayerParams()).any()

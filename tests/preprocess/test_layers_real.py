@@ -85,6 +85,19 @@ def test_ilm_keeps_off_a_detached_hyaloid_and_over_a_dim_inner_retina() -> None:
     assert np.mean(thick < 0.6 * np.median(thick)) < 0.02
 
 
+def test_bm_is_bridged_across_an_optic_disc_at_the_scan_end() -> None:
+    """OCTDL normal B-scans with the disc at one end: BM no longer dives to the image bottom there.
+
+    The first BM pass follows the disc's edges down to the last rows where the RPE ends;
+    before, the reference carried that dive inwards and ``bm_at_border`` flagged 4 normal
+    B-scans of OCTDL train.
+    """
+    for name in ("no_5289672_1.jpg", "no_9054704_1.jpg"):
+        res, vol = segment_source(read_volume(_item("octdl-train-NO", name).path))
+        assert "bm_at_border" not in res.qc["flags"], (name, res.qc["flags"])
+        assert (res.bm[0] < vol.shape[1] - 10).all(), name
+
+
 def _label_errors(items: list) -> list[float]:
     out = []
     for item in items:
