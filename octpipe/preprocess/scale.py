@@ -41,10 +41,10 @@ PRIOR_THICKNESS_UM = 300.0
 _MAX_BSCANS = 5
 
 #: Largest axial field of view (rows x axial spacing) an estimate may give. Retinal OCT
-#: devices image 1.9-2.6 mm axially, and a crop only shrinks the field; the 964 real
-#: B-scans without spacing in ../shared/data get 0.5-2.95 mm. A larger estimate means
-#: the "retina" measured was a thin band (the RPE alone): the spacing is held at this
-#: bound and the segmentation flagged ``spacing_implausible``.
+#: devices image 1.9-2.6 mm axially, and a crop only shrinks the field; 963 of the 964
+#: real B-scans without spacing in ../shared/data get 0.5-2.95 mm, the other ran to 10 mm.
+#: A larger estimate means the "retina" measured was a thin band (the RPE alone): the
+#: spacing is held at this bound and the segmentation flagged ``spacing_implausible``.
 MAX_AXIAL_FIELD_MM = 3.5
 
 
