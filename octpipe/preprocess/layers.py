@@ -84,6 +84,7 @@ BLOCK_PIXELS = 1 << 21
 # Parameters that must be strictly positive (the others must be >= 0, offsets any sign).
 _POSITIVE = (
     "ilm_max_slope", "bm_max_slope", "ilm_above_um", "ilm_first_edge_um", "ilm_below_to_um", "ilm_tissue_level",
+    "ilm_tissue_bright",
     "bm_above_um", "bm_below_um", "bm_cavity_to_um", "bm_cavity_level", "bm_search_depth_um",
     "bm_reference_width_um", "bm_reference_sigma_um", "bm_reference_tolerance_um", "bm_stiff_width_um",
     "bm_stiff_sigma_um", "bm_search_um", "bm_search_above_um",
@@ -258,6 +259,7 @@ class LayerParams:
     ilm_below_to_um: float = 100.0
     ilm_below_weight: float = 1.0
     ilm_tissue_level: float = 0.12
+    ilm_tissue_bright: float = 0.3
     bm_above_um: float = 12.0
     bm_gate_low: float = 0.55
     bm_gate_high: float = 0.75
@@ -812,6 +814,10 @@ def _first_pass_ilm(x: npt.NDArray[np.float32], valid: npt.NDArray[np.bool_], ge
     # still, the vitreous over a detached hyaloid is not (a contrast, whatever the noise floor)
     under = _window_mean(level, b0, b1) - _window_mean(level, -b1, -b0 + 1)
     tissue = np.clip(under / np.float32(p.ilm_tissue_level), 0.0, 1.0)
+    # a bright window is tissue whatever lies over it (a saturated vertical artefact band
+    # is as bright over the ILM as under it)
+    under = _window_mean(level, b0, b1)
+    np.maximum(tissue, np.clip(under / np.float32(p.ilm_tissue_bright), 0.0, 1.0), out=tissue)
     del under
     if p.ilm_below_weight > 0:
         cost += np.float32(p.ilm_below_weight) * (1.0 - tissue)
