@@ -135,7 +135,7 @@ def estimate_spacing(
             final, info["converged"] = (min(s - g, log_max), t_px), True
             break
         if s >= log_max - 1e-9 and g < 0:  # thinner than a retina even at the largest field
-            final, info["converged"] = (s, t_px), True
+            final, info["converged"] = (log_max, t_px), True
             break
         step = min(s - g, log_max)
         bracket = _bracket(tried)

@@ -178,13 +178,14 @@ def test_sweep_every_real_bscan() -> None:
 
 @pytest.mark.slow
 def test_lesion_pixels_inside_retina_over_all_outlines() -> None:
-    """Lesion outlines (inside-retina classes) between ILM and BM + 10 px: 0.946 measured.
+    """Lesion outlines (inside-retina classes) between ILM and BM + 10 px: 0.94997 measured.
 
     The target is 0.95 (0.871 before BM learnt to go under huge cystoid cavities and wide
     PED/subretinal material, 0.942 before the ILM's tissue test became a contrast with the
-    vitreous over it); cysts open to the vitreous, the ILM under some superficial cysts, and
-    subretinal material outlined down into the choroid or off the image edge keep the rest
-    out. This holds the measured level.
+    vitreous over it, 0.946 before a bright window counted as tissue and the spacing
+    estimate learnt to bisect); cysts open to the vitreous, the ILM under some superficial
+    cysts, and subretinal material outlined down into the choroid or off the image edge
+    keep the rest out. This holds the measured level.
     """
     tot = inside_n = 0
     for item in (it for it in ITEMS if it.truth == "lesions"):
@@ -194,4 +195,4 @@ def test_lesion_pixels_inside_retina_over_all_outlines() -> None:
         inside = (rows >= res.ilm[0][None] - 0.5) & (rows <= res.bm[0][None] + 10)
         tot += int((lab > 0).sum())
         inside_n += int((inside & (lab > 0)).sum())
-    assert tot > 1_000_000 and inside_n / tot >= 0.945
+    assert tot > 1_000_000 and inside_n / tot >= 0.949
