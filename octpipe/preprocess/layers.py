@@ -129,15 +129,17 @@ class LayerParams:
     ilm_refine_first_edge_weight : float
         The same penalty inside the second-pass band (a bright focus just under the
         ILM has a stronger linear-domain edge than the ILM).
-    ilm_below_from_um, ilm_below_to_um, ilm_below_weight, ilm_tissue_level : float
+    ilm_below_from_um, ilm_below_to_um, ilm_below_weight, ilm_tissue_level, ilm_tissue_bright : float
         Window under an ILM candidate that must hold tissue: where its mean brightness
         (0 = dark level, 1 = brightest) exceeds that of the same window above the
-        candidate by less than ``ilm_tissue_level``, the candidate costs up to
-        ``ilm_below_weight``, and its edge does not count as a first edge for the
-        candidates under it. A detached hyaloid or a membrane in the vitreous is a thin
-        bright line with the same vitreous under it as over it; a dim inner retina
-        (thin nerve fibre layer near the fovea, a dim export) is darker than the
-        outer retina but still brighter than the vitreous over it.
+        candidate by less than ``ilm_tissue_level`` and is itself below
+        ``ilm_tissue_bright``, the candidate costs up to ``ilm_below_weight``, and its
+        edge does not count as a first edge for the candidates under it. A detached
+        hyaloid or a membrane in the vitreous is a thin bright line with the same
+        vitreous under it as over it; a dim inner retina (thin nerve fibre layer near the
+        fovea, a dim export) is darker than the outer retina but still brighter than the
+        vitreous over it; a saturated vertical artefact band is as bright over the ILM as
+        under it, and bright.
     bm_above_um : float
         Height of the bright band that must lie above a BM candidate.
     bm_gate_low, bm_gate_high : float
@@ -816,9 +818,9 @@ def _first_pass_ilm(x: npt.NDArray[np.float32], valid: npt.NDArray[np.bool_], ge
     tissue = np.clip(under / np.float32(p.ilm_tissue_level), 0.0, 1.0)
     # a bright window is tissue whatever lies over it (a saturated vertical artefact band
     # is as bright over the ILM as under it)
-    under = _window_mean(level, b0, b1)
-    np.maximum(tissue, np.clip(under / np.float32(p.ilm_tissue_bright), 0.0, 1.0), out=tissue)
-    del under
+    bright = _window_mean(level, b0, b1)
+    np.maximum(tissue, np.clip(bright / np.float32(p.ilm_tissue_bright), 0.0, 1.0), out=tissue)
+    del under, bright
     if p.ilm_below_weight > 0:
         cost += np.float32(p.ilm_below_weight) * (1.0 - tissue)
     del level
