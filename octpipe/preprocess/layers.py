@@ -814,13 +814,12 @@ def _first_pass_ilm(x: npt.NDArray[np.float32], valid: npt.NDArray[np.bool_], ge
     b1 = max(b0 + 1, round(geo.ax(p.ilm_below_to_um)))
     # measured against the window as far above it: the vitreous over a dim retina is darker
     # still, the vitreous over a detached hyaloid is not (a contrast, whatever the noise floor)
-    under = _window_mean(level, b0, b1) - _window_mean(level, -b1, -b0 + 1)
-    tissue = np.clip(under / np.float32(p.ilm_tissue_level), 0.0, 1.0)
+    bright = _window_mean(level, b0, b1)
+    tissue = np.clip((bright - _window_mean(level, -b1, -b0 + 1)) / np.float32(p.ilm_tissue_level), 0.0, 1.0)
     # a bright window is tissue whatever lies over it (a saturated vertical artefact band
     # is as bright over the ILM as under it)
-    bright = _window_mean(level, b0, b1)
     np.maximum(tissue, np.clip(bright / np.float32(p.ilm_tissue_bright), 0.0, 1.0), out=tissue)
-    del under, bright
+    del bright
     if p.ilm_below_weight > 0:
         cost += np.float32(p.ilm_below_weight) * (1.0 - tissue)
     del level
