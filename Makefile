@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/octpipe demo -o $(DEMO_OUT) --overwrite
 
+# the default run spreads its tests over the CPU's cores (pytest-xdist; at most 4 workers)
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow and not gpu" -q
+	$(PY) -m pytest -m "not slow and not gpu" -q -n auto --maxprocesses=4
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
